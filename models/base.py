@@ -1,0 +1,156 @@
+"""Pieces every architecture shares: the step batch, the KV cache, norms, RoPE and cached attention.
+
+Legend: T tokens in a step (all sequences), n tokens of one sequence, N cached positions,
+H query heads, G KV heads, D head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dsrun.gguf_file import GGUFFile
+from dsrun.quants import dequantize
+
+
+@dataclass
+class Seq:
+    """One sequence's share of a step: rows [start, start + n) of the batch, appended to `cache`."""
+
+    cache: KVCache
+    start: int
+    n: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.start + self.n)
+
+
+@dataclass
+class Batch:
+    """A step over several sequences at once: their new tokens laid end to end."""
+
+    tokens: torch.Tensor  # (T,) int64
+    seqs: list[Seq]
+    out_rows: torch.Tensor | None = None  # rows whose logits are wanted; None means every row
+
+    def positions(self) -> torch.Tensor:
+        """Absolute position of every row: each sequence continues where its cache ends."""
+        return torch.cat([torch.arange(s.cache.n, s.cache.n + s.n) for s in self.seqs])  # (T,)
+
+    @classmethod
+    def single(cls, tokens: list[int] | torch.Tensor, cache: KVCache, all_logits: bool = False) -> Batch:
+        t = torch.as_tensor(tokens, dtype=torch.long)
+        out = None if all_logits else torch.tensor([len(t) - 1])
+        return cls(tokens=t, seqs=[Seq(cache, 0, len(t))], out_rows=out)
+
+
+class KVCache:
+    """Per-layer tensors that grow by whole tokens; capacity doubles so appends stay amortized O(1)."""
+
+    def __init__(self, n_layers: int, dtype: torch.dtype = torch.float32):
+        self.n = 0  # tokens committed (visible to attention in later steps)
+        self.dtype = dtype
+        self.layers: list[list[torch.Tensor] | None] = [None] * n_layers
+
+    def append(self, layer: int, *parts: torch.Tensor) -> list[torch.Tensor]:
+        """Write this step's rows after the committed ones; return each part's full (N, ...) view."""
+        n_new = parts[0].shape[0]
+        need = self.n + n_new
+        bufs = self.layers[layer]
+        if bufs is None or bufs[0].shape[0] < need:
+            cap = max(need, 2 * (bufs[0].shape[0] if bufs else 16))
+            grown = [p.new_empty((cap, *p.shape[1:]), dtype=self.dtype) for p in parts]
+            if bufs is not None:
+                for g, b in zip(grown, bufs):
+                    g[: self.n] = b[: self.n]
+            self.layers[layer] = bufs = grown
+        for b, p in zip(bufs, parts):
+            b[self.n : need] = p
+        return [b[:need] for b in bufs]
+
+    def commit(self, n_new: int) -> None:
+        self.n += n_new
+
+    def truncate(self, n: int) -> None:
+        """Forget positions from n on (prefix reuse keeps the shared head of a prompt)."""
+        self.n = min(self.n, n)
+
+    def bytes_per_token(self) -> int:
+        return sum(b[0].numel() // b.shape[0] * b.element_size() for bufs in self.layers if bufs for b in bufs)
+
+    def used_bytes(self) -> int:
+        return self.n * self.bytes_per_token()
+
+    def allocated_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for bufs in self.layers if bufs for b in bufs)
+
+
+def load_weight(f: GGUFFile, name: str) -> torch.Tensor:
+    """A tensor from the file, dequantized to float32 in numpy order (out_features, in_features)."""
+    info = f.tensor(name)
+    return dequantize(info.data, info.qtype, info.shape, name=name)
+
+
+def maybe_weight(f: GGUFFile, name: str) -> torch.Tensor | None:
+    return load_weight(f, name) if name in f.tensors else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rope_inv_freq(dim: int, base: float, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # (D/2,)
+    if freq_factors is not None:  # llama3-style per-frequency divisors (the rope_freqs tensor)
+        inv = inv / freq_factors.to(torch.float64)
+    return inv
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0, mscale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin per row and frequency; `scale` is the linear position scale, `mscale` YaRN's magnitude."""
+    ang = (positions.to(torch.float64) * scale)[:, None] * inv_freq[None, :]  # (T, D/2)
+    return (torch.cos(ang) * mscale).float(), (torch.sin(ang) * mscale).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+    """Rotate (T, H, D) by position: ggml's NORM mode pairs (2i, 2i+1), NEOX pairs (i, i + D/2)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D/2)
+    if neox:
+        x1, x2 = x.chunk(2, dim=-1)  # (T, H, D/2) each
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    pairs = x.unflatten(-1, (-1, 2))  # (T, H, D/2, 2)
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)  # (T, H, D)
+
+
+def causal_mask(start: int, n: int, total: int) -> torch.Tensor:
+    """(n, N) boolean: the row at position start + i sees cached positions 0 .. start + i."""
+    q_pos = torch.arange(start, start + n)[:, None]
+    return torch.arange(total)[None, :] <= q_pos
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """Causal attention of one sequence's new rows over its cache.
+
+    q (n, H, Dk); k (N, G, Dk); v (N, G, Dv) with H a multiple of G; returns (n, H, Dv).
+    """
+    n, H = q.shape[0], q.shape[1]
+    G = k.shape[1]
+    if G != H:  # grouped-query: query head h reads KV head h // (H / G)
+        k = k.repeat_interleave(H // G, dim=1)  # (N, H, Dk)
+        v = v.repeat_interleave(H // G, dim=1)  # (N, H, Dv)
+    mask = causal_mask(start, n, k.shape[0])
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+    )  # (H, n, Dv)
+    return out.transpose(0, 1)  # (n, H, Dv)
+
+
+def default_attn_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

