@@ -59,6 +59,17 @@ def model_module(arch: str):
     return importlib.import_module(f"dsrun.models.{name}")
 
 
+def check_quant_types(f: GGUFFile) -> None:
+    """Refuse a file with any tensor type we cannot run before a byte of weights is read."""
+    from .quants import SUPPORTED
+
+    for info in f.tensors.values():
+        if info.qtype not in SUPPORTED:
+            raise UnsupportedModelError(
+                f"quant type {info.qtype.name} (tensor {info.name}) is not supported by dsrun"
+            )
+
+
 def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
@@ -70,6 +81,7 @@ class Engine:
         self.path = path
         self.file = GGUFFile(path)
         module = model_module(self.file.arch)
+        check_quant_types(self.file)
         self.config = module.Config.from_gguf(self.file)
         self.model = module.Model(self.config, self.file)
         self.tokenizer = Tokenizer(path, self.file)

@@ -1,0 +1,43 @@
+"""Shared fixtures: the default model, its F32 copy, and engines loaded once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import dsrun
+from dsrun.engine import resolve_model
+
+# Two cores: one torch thread per test process keeps timing noise and oversubscription down.
+torch.set_num_threads(int(os.environ.get("DSRUN_TEST_THREADS", "2")))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def default_gguf():
+    return resolve_model("default")
+
+
+@pytest.fixture(scope="session")
+def f32_gguf(tmp_path_factory, default_gguf):
+    """The default model with every tensor dequantized to F32: the exact parity reference."""
+    from dsrun.gguf_convert import to_f32
+
+    return to_f32(default_gguf, tmp_path_factory.mktemp("f32") / "smollm2-f32.gguf")
+
+
+@pytest.fixture(scope="session")
+def engine(default_gguf):
+    eng = dsrun.load(default_gguf, ctx=1024)
+    yield eng
+    eng.close()
