@@ -23,8 +23,12 @@ COMMANDS = {
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Flags every command that loads a model shares."""
-    p.add_argument("-m", "--model", default=os.environ.get("DSRUN_MODEL", "default"),
-                   help="GGUF path or installed model name (default: $DSRUN_MODEL or 'default')")
+    p.add_argument(
+        "-m",
+        "--model",
+        default=os.environ.get("DSRUN_MODEL", "default"),
+        help="GGUF path or installed model name (default: $DSRUN_MODEL or 'default')",
+    )
     p.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--gpus", default="auto", help="'auto', 'none', a count, or ids like 0,1")
@@ -45,17 +49,31 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def sampling_kwargs(args) -> dict:
     return {
-        "max_tokens": args.max_tokens, "temperature": args.temp, "top_p": args.top_p, "top_k": args.top_k,
-        "min_p": args.min_p, "repeat_penalty": args.repeat_penalty, "seed": args.seed, "stop": args.stop,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temp,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "repeat_penalty": args.repeat_penalty,
+        "seed": args.seed,
+        "stop": args.stop,
     }
 
 
 def load_kwargs(args) -> dict:
-    return {"ctx": args.ctx, "threads": args.threads, "gpus": args.gpus, "gpu_mem": args.gpu_mem, "ram": args.ram}
+    return {
+        "ctx": args.ctx,
+        "threads": args.threads,
+        "gpus": args.gpus,
+        "gpu_mem": args.gpu_mem,
+        "ram": args.ram,
+    }
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsrun", description="Run large MoE LLMs from GGUF on one workstation.")
+    parser = argparse.ArgumentParser(
+        prog="dsrun", description="Run large MoE LLMs from GGUF on one workstation."
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in argv if a in COMMANDS), None)

@@ -49,10 +49,16 @@ def run(args) -> int:
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
     if args.json:
-        print_json({
-            "model": eng.name, "text": "".join(parts), "finish_reason": last.finish_reason, "usage": last.usage,
-            "seconds": round(time.perf_counter() - t0, 3), "tokens_per_s": eng.stats()["tokens_per_s"],
-        })
+        print_json(
+            {
+                "model": eng.name,
+                "text": "".join(parts),
+                "finish_reason": last.finish_reason,
+                "usage": last.usage,
+                "seconds": round(time.perf_counter() - t0, 3),
+                "tokens_per_s": eng.stats()["tokens_per_s"],
+            }
+        )
     else:
         sys.stdout.write("\n")
     eng.close()

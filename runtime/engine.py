@@ -48,7 +48,8 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     if installed.exists():
         return installed
     raise ModelNotFoundError(
-        f"no model named '{name}': give a path to a .gguf file, 'default', or put {name}.gguf in {models_dir()}"
+        f"no model named '{name}': give a path to a .gguf file, 'default', "
+        f"or put {name}.gguf in {models_dir()}"
     )
 
 
@@ -155,7 +156,9 @@ class Engine:
             )
         bad = [t for t in tokens if not 0 <= t < self.config.n_vocab]
         if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.n_vocab - 1})")
+            raise InvalidRequestError(
+                f"token id {bad[0]} is outside the vocabulary (0..{self.config.n_vocab - 1})"
+            )
         return tokens
 
     def _stream(self, g: Generation) -> Iterator[Chunk]:

@@ -18,6 +18,7 @@ class Chunk:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" on the last chunk
     usage: dict | None = None  # prompt/completion/total token counts on the last chunk
+    logprobs: list | None = None  # one TokenLogprob per token in .tokens, when a request asks for them
 
 
 class Generation:

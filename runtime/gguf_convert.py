@@ -13,7 +13,9 @@ from .quants import dequantize
 SKIP_KEYS = ("GGUF.", "general.architecture")  # the writer writes these itself
 
 
-def copy_metadata(reader: GGUFReader, writer: GGUFWriter, skip: Callable[[str], bool] = lambda k: False) -> None:
+def copy_metadata(
+    reader: GGUFReader, writer: GGUFWriter, skip: Callable[[str], bool] = lambda k: False
+) -> None:
     """Every key/value of `reader` into `writer`, with its original GGUF type."""
     for key, field in reader.fields.items():
         if key.startswith(SKIP_KEYS) or skip(key):
@@ -23,9 +25,15 @@ def copy_metadata(reader: GGUFReader, writer: GGUFWriter, skip: Callable[[str], 
         writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
 
 
-def write_gguf(path: Path, arch: str, reader: GGUFReader | None, tensors: dict[str, np.ndarray],
-               raw_types: dict[str, GGMLQuantizationType] | None = None,
-               extra: Callable[[GGUFWriter], None] | None = None, replaced_keys: tuple[str, ...] = ()) -> Path:
+def write_gguf(
+    path: Path,
+    arch: str,
+    reader: GGUFReader | None,
+    tensors: dict[str, np.ndarray],
+    raw_types: dict[str, GGMLQuantizationType] | None = None,
+    extra: Callable[[GGUFWriter], None] | None = None,
+    replaced_keys: tuple[str, ...] = (),
+) -> Path:
     """Write a GGUF: metadata copied from `reader` (if given), then `extra` keys, then the tensors.
 
     Float arrays are written as they are typed (F32/F16); entries in raw_types are already-quantized
@@ -55,5 +63,6 @@ def to_f32(src: Path, dst: Path) -> Path:
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         tensors[t.name] = dequantize(t.data, GGMLQuantizationType(t.tensor_type), shape, name=t.name).numpy()
-    return write_gguf(dst, arch, reader, tensors, extra=lambda w: w.add_file_type(0),
-                      replaced_keys=("general.file_type",))
+    return write_gguf(
+        dst, arch, reader, tensors, extra=lambda w: w.add_file_type(0), replaced_keys=("general.file_type",)
+    )

@@ -1,4 +1,4 @@
-"""Bad input gives one clear line on stderr and a non-zero exit (a DsrunError from the API), never a traceback."""
+"""Bad input gives one clear stderr line and a non-zero exit (a DsrunError in the API), no traceback."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ import dsrun
 
 def dsrun_cli(*args, stdin=None, timeout=120):
     return subprocess.run(
-        [sys.executable, "-m", "dsrun.cli", *args], input=stdin, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "dsrun.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -1,0 +1,192 @@
+"""`dsrun bench`: prefill and decode speed and peak memory, dsrun against llama.cpp on the same GGUF.
+
+Each side runs in its own subprocess on the same token ids and thread count, so peak RSS is its own and
+neither warms the other's page cache more than the first does (the file is read once before both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from .cli import add_model_arguments, print_json
+
+PROMPT = (
+    "Mixture-of-Experts language models route every token to a few experts out of many. "
+    "Explain, step by step, why this makes decoding bound by memory bandwidth, and what a runtime can do "
+    "about it when the experts do not fit in GPU memory. "
+)
+
+
+def add_arguments(p) -> None:
+    add_model_arguments(p)
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for prefill")
+    p.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded one at a time")
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp baseline")
+    p.add_argument("--dequant", action="store_true", help="also measure dequantization MB/s per quant type")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--worker", choices=["dsrun", "llama.cpp"], help=argparse.SUPPRESS)
+
+
+def bench_tokens(model: str, n_prompt: int) -> list[int]:
+    """The prompt's ids repeated to length, from llama.cpp's tokenizer so both sides see the same ids."""
+    from .engine import resolve_model
+    from .gguf_file import GGUFFile
+    from .tokenizer import Tokenizer
+
+    path = resolve_model(model)
+    ids = Tokenizer(path, GGUFFile(path)).encode(PROMPT, add_bos=False, special=False)
+    return (ids * (n_prompt // len(ids) + 1))[:n_prompt]
+
+
+def worker_dsrun(args, prompt: list[int], decode: list[int]) -> dict:
+    import dsrun
+    from dsrun.models.base import Batch
+
+    t0 = time.perf_counter()
+    eng = dsrun.load(
+        args.model, ctx=args.ctx, threads=args.threads, gpus=args.gpus, gpu_mem=args.gpu_mem, ram=args.ram
+    )
+    load_s = time.perf_counter() - t0
+    cache = eng.model.new_cache()
+    t0 = time.perf_counter()
+    eng.model.forward(Batch.single(prompt, cache))
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for tok in decode:
+        eng.model.forward(Batch.single([tok], cache))
+    decode_s = time.perf_counter() - t0
+    return {"load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s, "stats": eng.stats()}
+
+
+def worker_llama_cpp(args, prompt: list[int], decode: list[int]) -> dict:
+    import llama_cpp
+
+    from .engine import default_threads, resolve_model
+
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(
+        str(resolve_model(args.model)),
+        n_ctx=args.ctx,
+        n_batch=max(512, len(prompt)),
+        n_ubatch=max(512, len(prompt)),
+        n_threads=args.threads or default_threads(),
+        n_threads_batch=args.threads or default_threads(),
+        n_gpu_layers=0,
+        verbose=False,
+        flash_attn=False,
+        type_k=0,
+        type_v=0,
+    )
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for tok in decode:
+        llm.eval([tok])
+    decode_s = time.perf_counter() - t0
+    return {"load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s}
+
+
+def run_worker(args) -> int:
+    spec = json.loads(sys.stdin.read())
+    fn = worker_dsrun if args.worker == "dsrun" else worker_llama_cpp
+    out = fn(args, spec["prompt"], spec["decode"])
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(out))
+    return 0
+
+
+def spawn(args, side: str, prompt: list[int], decode: list[int]) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "dsrun.cli",
+        "bench",
+        "--worker",
+        side,
+        "-m",
+        str(args.model),
+        "--ctx",
+        str(args.ctx),
+    ]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    for flag, value in (("--gpus", args.gpus), ("--gpu-mem", args.gpu_mem), ("--ram", args.ram)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    proc = subprocess.run(
+        cmd, input=json.dumps({"prompt": prompt, "decode": decode}), capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        from .errors import DsrunError
+
+        raise DsrunError(f"the {side} benchmark failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(r: dict, n_prompt: int, n_decode: int) -> dict:
+    return {
+        "load_s": round(r["load_s"], 3),
+        "prefill_tok_s": round(n_prompt / r["prefill_s"], 2),
+        "decode_tok_s": round(n_decode / r["decode_s"], 2),
+        "peak_rss_mib": round(r["peak_rss_bytes"] / 2**20, 1),
+    }
+
+
+def run(args) -> int:
+    if args.worker:
+        return run_worker(args)
+    prompt = bench_tokens(args.model, args.prompt_tokens)
+    decode = bench_tokens(args.model, args.decode_tokens + 7)[7:]  # other ids than the prompt's head
+    results = {"dsrun": summarize(spawn(args, "dsrun", prompt, decode), len(prompt), len(decode))}
+    if not args.no_llama_cpp:
+        results["llama.cpp"] = summarize(spawn(args, "llama.cpp", prompt, decode), len(prompt), len(decode))
+        ours, ref = results["dsrun"], results["llama.cpp"]
+        results["ratio"] = {
+            k: round(ours[k] / ref[k], 3) for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_mib")
+        }
+    if args.dequant:
+        results["dequant_mb_s"] = dequant_speeds()
+    report = {"model": str(args.model), "prompt_tokens": len(prompt), "decode_tokens": len(decode), **results}
+    if args.json:
+        print_json(report)
+    else:
+        print_report(report)
+    return 0
+
+
+def dequant_speeds() -> dict:
+    from .quants import SUPPORTED, dequant_speed
+
+    return {q.name: round(dequant_speed(q), 1) for q in sorted(SUPPORTED, key=lambda q: q.value)}
+
+
+def print_report(report: dict) -> None:
+    table = Table(
+        title=f"dsrun bench: {report['model']} ({report['prompt_tokens']} prompt, "
+        f"{report['decode_tokens']} decode tokens)"
+    )
+    sides = [s for s in ("dsrun", "llama.cpp", "ratio") if s in report]
+    table.add_column("metric")
+    for s in sides:
+        table.add_column(s + (" (dsrun / llama.cpp)" if s == "ratio" else ""), justify="right")
+    for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_mib", "load_s"):
+        table.add_row(key, *[str(report[s].get(key, "")) for s in sides])
+    console = Console()
+    console.print(table)
+    if "dequant_mb_s" in report:
+        dq = Table(title="dequantization, MB/s of GGUF data")
+        dq.add_column("type")
+        dq.add_column("MB/s", justify="right")
+        for k, v in report["dequant_mb_s"].items():
+            dq.add_row(k, str(v))
+        console.print(dq)
