@@ -67,11 +67,11 @@ class Histogram:
             self.sum += value
 
     def snapshot(self) -> dict:
-        """{"buckets": [[le, cumulative count], ...], "sum", "count"}; le of the last bucket is inf."""
+        """{"buckets": [[le, cumulative count], ...], "sum", "count"}; the last le is Prometheus' "+Inf"."""
         with self.lock:
             counts, total = list(self.counts), self.sum
         cumulative = [sum(counts[: i + 1]) for i in range(len(counts))]
-        buckets = list(zip((*self.bounds, math.inf), cumulative))
+        buckets = list(zip((*self.bounds, "+Inf"), cumulative))
         return {"buckets": buckets, "sum": total, "count": cumulative[-1]}
 
 
@@ -174,6 +174,10 @@ def common_prefix_len(a: list[int], b: list[int], limit: int) -> int:
     return n
 
 
+def rate(n: int, seconds: float) -> float | None:
+    return n / seconds if seconds else None
+
+
 def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
     """The model's own log-probabilities (before penalties and truncation), as OpenAI reports them."""
     lp = torch.log_softmax(logits.float(), dim=-1)  # (V,)
@@ -203,7 +207,9 @@ class Scheduler:
         self.counters = dict.fromkeys(
             ("admitted", "finished", "cancelled", "failed", "prompt_tokens", "prefilled_tokens",
              "generated_tokens", "prefix_hits", "prefix_reused_tokens", "steps"), 0)  # fmt: skip
-        self.busy_s = 0.0  # time spent in forward steps
+        # Engine.timings' shape: steps that prefill count as prefill, the others as decode
+        self.timings = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+        self.last_ttft: float | None = None
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="dsrun-scheduler", daemon=True)
@@ -222,7 +228,7 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise DsrunError("the server is shutting down")
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(self.running) >= self.max_queue + self.max_running:
                 raise QueueFullError(
                     f"{len(self.running)} requests are running and {len(self.waiting)} waiting: retry later",
                     self._retry_after(),
@@ -232,7 +238,7 @@ class Scheduler:
         return stream
 
     def stats(self) -> dict:
-        running = list(self.running)
+        running, t = list(self.running), self.timings
         return {
             "queue_length": len(self.waiting),
             "running": len(running),
@@ -241,8 +247,11 @@ class Scheduler:
             **self.counters,
             "kv_bytes_running": sum(s.gen.cache.allocated_bytes() for s in running),
             "prefix_cache": {"entries": len(self.prefix.entries), "bytes": self.prefix.bytes},
-            "busy_s": round(self.busy_s, 3),
-            "tokens_per_busy_s": self.counters["generated_tokens"] / self.busy_s if self.busy_s else None,
+            "ttft_s": self.last_ttft,
+            "tokens_per_s": {
+                phase: rate(t[f"{phase}_tokens"], t[f"{phase}_s"]) for phase in ("prefill", "decode")
+            },
+            "timings": dict(t),
             "ttft_seconds": self.ttft.snapshot(),
             "inter_token_seconds": self.itl.snapshot(),
         }
@@ -260,7 +269,7 @@ class Scheduler:
     def _retry_after(self) -> int:
         """Seconds until a queue slot likely frees: the queue ahead, drained at the recent request rate."""
         done = self.counters["finished"] + self.counters["cancelled"]
-        per_request = self.busy_s / done if done else 1.0
+        per_request = (self.timings["prefill_s"] + self.timings["decode_s"]) / done if done else 1.0
         return max(1, math.ceil(len(self.waiting) * per_request / self.max_running))
 
     # --- the scheduler thread ---
@@ -336,7 +345,9 @@ class Scheduler:
         t0 = time.perf_counter()
         with self.engine.lock:
             logits = self.engine.model.forward(batch)  # (len(sampled), V)
-        self.busy_s += time.perf_counter() - t0
+        phase = "prefill" if prefilled else "decode"
+        self.timings[f"{phase}_s"] += time.perf_counter() - t0
+        self.timings[f"{phase}_tokens"] += prefilled or len(sampled)
         self.counters["steps"] += 1
         self.counters["prefilled_tokens"] += prefilled
         for s, row in zip(sampled, logits):
@@ -361,7 +372,8 @@ class Scheduler:
     def _observe_latency(self, s: Sequence) -> None:
         now = time.perf_counter()
         if s.t_last is None:
-            self.ttft.observe(now - s.t_submit)
+            self.last_ttft = now - s.t_submit
+            self.ttft.observe(self.last_ttft)
         else:
             self.itl.observe(now - s.t_last)
         s.t_last = now
