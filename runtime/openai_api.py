@@ -116,7 +116,7 @@ def parse_request(kind: str, body: bytes | dict, engine, model_names: tuple[str,
         request=request,
         stream=stream,
         include_usage=bool(options and _field(options, "include_usage", bool, False)),
-        model=model,
+        model=model_names[0],  # replies name the model that ran, as OpenAI's do
         id=prefix + uuid.uuid4().hex[:24],
         created=int(time.time()),
     )
