@@ -14,6 +14,7 @@ from pathlib import Path
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, TabbedContent, TabPane
 from textual.widgets.markdown import MarkdownStream
 
@@ -70,6 +71,11 @@ class DsrunApp(App):
                 yield ExpertsView()
         yield Footer(show_command_palette=False)  # ctrl+p still opens it; 80 columns need the room
 
+    @property
+    def main(self) -> Screen:
+        """The screen with the views, under any dialog open on top of it."""
+        return self.screen_stack[0]
+
     def on_mount(self) -> None:
         self.sub_title = self.backend.name
         self.open_backend()
@@ -118,15 +124,15 @@ class DsrunApp(App):
 
     def on_backend_ready(self, message: BackendReady) -> None:
         self.sub_title = message.name
-        prompt = self.query_one(PromptInput)
+        prompt = self.main.query_one(PromptInput)
         prompt.disabled, prompt.placeholder = False, "Ask something (Enter sends)"
         prompt.focus()
         self.request_stats()
         self.set_interval(1 / STATS_HZ, self.request_stats)
 
     async def on_backend_failed(self, message: BackendFailed) -> None:
-        self.query_one(PromptInput).placeholder = "no model: see the error above; ctrl+q quits"
-        await self.query_one(Transcript).add_error(message.error)
+        self.main.query_one(PromptInput).placeholder = "no model: see the error above; ctrl+q quits"
+        await self.main.query_one(Transcript).add_error(message.error)
 
     async def on_reply_text(self, message: ReplyText) -> None:
         if message.reply_id == self.reply_id and self.reply is not None:
@@ -138,21 +144,23 @@ class DsrunApp(App):
             return
         await self.end_reply()
         self.conversation.add("assistant", self.reply_text)
-        self.query_one(Transcript).caption_last(reply_note(message, self.backend))
+        self.main.query_one(Transcript).caption_last(reply_note(message, self.backend))
 
     async def on_reply_failed(self, message: ReplyFailed) -> None:
         if message.reply_id != self.reply_id:
             return
         await self.end_reply()
         self.conversation.turns.pop()  # the question that failed would make the next request fail too
-        await self.query_one(Transcript).add_error(f"{message.error} (this turn is not kept)")
+        await self.main.query_one(Transcript).add_error(f"{message.error} (this turn is not kept)")
 
     async def on_telemetry_updated(self, message: TelemetryUpdated) -> None:
+        if not self.is_running:  # the last poll can land while the app is closing
+            return
         self.telemetry = t = message.telemetry
         self.history.push(t)
-        self.query_one(StatusLine).show(t)
-        await self.query_one(MemoryView).show(t, self.history)
-        self.query_one(ExpertsView).show(t)
+        self.main.query_one(StatusLine).show(t)
+        await self.main.query_one(MemoryView).show(t, self.history)
+        self.main.query_one(ExpertsView).show(t)
 
     # --- the user's actions ---
 
@@ -163,11 +171,11 @@ class DsrunApp(App):
         if self.reply is not None:
             self.notify("a reply is still coming: Esc stops it", severity="warning")
             return
-        prompt = self.query_one(PromptInput)
+        prompt = self.main.query_one(PromptInput)
         prompt.remember(text)
         prompt.clear()
         self.conversation.add("user", text)
-        transcript = self.query_one(Transcript)
+        transcript = self.main.query_one(Transcript)
         await transcript.add_turn("user", text)
         self.reply_id += 1
         self.reply, self.reply_text = await transcript.start_reply(), ""
@@ -188,13 +196,13 @@ class DsrunApp(App):
             await self.end_reply()
         self.reply_id += 1
         self.conversation.turns.clear()
-        await self.query_one(Transcript).clear()
+        await self.main.query_one(Transcript).clear()
         self.action_view("chat")
 
     def action_view(self, name: str) -> None:
-        self.query_one(TabbedContent).active = name
+        self.main.query_one(TabbedContent).active = name
         # focus follows, else the focused prompt in the hidden chat pane pulls its tab back to the front
-        self.query_one(VIEW_FOCUS[name]).focus()
+        self.main.query_one(VIEW_FOCUS[name]).focus()
 
     def action_settings(self) -> None:
         def apply(result: tuple[str, Sampling] | None) -> None:

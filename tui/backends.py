@@ -37,7 +37,7 @@ class ServerError(DsrunError):
     """The server could not be reached or refused a request."""
 
 
-class _Streaming:
+class StreamingBackend:
     """Cancel and time-to-first-token, shared by both backends around their own `_stream`."""
 
     name = ""
@@ -68,7 +68,7 @@ class _Streaming:
         raise NotImplementedError
 
 
-class EngineBackend(_Streaming):
+class EngineBackend(StreamingBackend):
     """The model loaded in this process; `engine` given (tests) or loaded by `open()` (the CLI)."""
 
     def __init__(self, engine=None, *, model: str = "default", load_kwargs: dict | None = None):
@@ -95,10 +95,11 @@ class EngineBackend(_Streaming):
             self.engine.close()
 
 
-class ServerBackend(_Streaming):
+class ServerBackend(StreamingBackend):
     """A `dsrun serve` at an http(s) URL or a Unix socket path (`unix:` prefix optional)."""
 
     STATS_TIMEOUT = 2.0  # a stalled server must not stall the stats poll for long
+    HEALTH_POLL_S = 0.5
 
     def __init__(self, target: str, *, api_key: str | None = None):
         super().__init__()
@@ -112,8 +113,10 @@ class ServerBackend(_Streaming):
         timeout = httpx.Timeout(10.0, read=None)
         self.client = httpx.Client(base_url=base, transport=transport, headers=headers, timeout=timeout)
         self.name = self.model = target
+        self.closed = threading.Event()  # ends the wait for a loading server when the app quits
 
     def open(self) -> None:
+        self._wait_while_loading()
         models = self._get("/v1/models").get("data") or []
         self.model = models[0]["id"] if models else "default"
         self.name = f"{self.model} @ {self.target}"
@@ -144,7 +147,19 @@ class ServerBackend(_Streaming):
         return own | r.json() if r.status_code == 200 else own
 
     def close(self) -> None:
+        self.closed.set()
         self.client.close()
+
+    def _wait_while_loading(self) -> None:
+        """A server answers /health with 503 until its model is loaded, which can take minutes."""
+        while not self.closed.is_set():
+            with reaching(self.target):
+                r = self.client.get("/health")
+            if r.status_code == 200:
+                return
+            if r.status_code != 503 or r.json().get("status") != "loading":
+                raise ServerError(error_message(r.content, r.status_code))
+            self.closed.wait(self.HEALTH_POLL_S)
 
     def _get(self, path: str) -> dict:
         with reaching(self.target):
