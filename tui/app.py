@@ -234,12 +234,15 @@ class DsrunApp(App):
 
 def reply_note(message: ReplyFinished, backend: Backend) -> str:
     """`42 tokens · 11.3 tok/s · TTFT 0.84 s`, and why it ended when that was not the model's own stop."""
-    parts = []
+    parts, ttft = [], backend.ttft_s
     tokens = (message.usage or {}).get("completion_tokens")
     if tokens:
-        parts += [f"{tokens} tokens", f"{tokens / message.seconds:.1f} tok/s"]
-    if backend.ttft_s is not None:
-        parts.append(f"TTFT {backend.ttft_s:.2f} s")
+        parts.append(f"{tokens} tokens")
+    if tokens and tokens > 1 and ttft is not None and message.seconds > ttft:
+        # decode speed: the wait for the first token (prefill) is what TTFT reports
+        parts.append(f"{(tokens - 1) / (message.seconds - ttft):.1f} tok/s")
+    if ttft is not None:
+        parts.append(f"TTFT {ttft:.2f} s")
     parts += {"cancelled": ["stopped"], "length": ["cut at max tokens"]}.get(message.finish_reason, [])
     return " · ".join(parts)
 

@@ -19,7 +19,7 @@ PARTS = (
 )
 OTHER_COLOR = "#8a8a8a"  # used bytes the engine did not break down
 CACHED_COLOR = "#5fafaf"  # NVMe: expert bytes the page cache holds
-FREE = ("░", "#505050")  # budget not used yet
+FREE_COLOR = "#3c3c3c"  # budget not used yet (NVMe: mapped, not cached)
 
 
 class UsageBar(Widget):
@@ -41,7 +41,7 @@ class UsageBar(Widget):
             cells = min(round(value / self.total * width), width - filled) if self.total else 0
             bar.append("█" * cells, style=color)
             filled += cells
-        bar.append(FREE[0] * (width - filled), style=FREE[1])
+        bar.append("█" * (width - filled), style=FREE_COLOR)
         return bar
 
 
@@ -81,7 +81,7 @@ def bar_segments(tier: Tier) -> tuple[list[tuple[int, str]], int]:
 def breakdown(tier: Tier, t: Telemetry) -> Text:
     """`weights 6.1 GiB · experts 10.9 GiB · …` with each name in its bar colour."""
     if tier.tier == "nvme":
-        items = [("page cache", tier.resident_bytes, CACHED_COLOR), ("mapped", tier.used_bytes, FREE[1])]
+        items = [("page cache", tier.resident_bytes, CACHED_COLOR), ("mapped", tier.used_bytes, FREE_COLOR)]
     else:
         experts_name = "pinned experts" if tier.tier == "ram" else "experts"
         items = [
@@ -142,4 +142,4 @@ def title(t: Telemetry) -> Text:
     for _, name, color in PARTS:
         text.append("█ ", style=color).append(f"{name}  ")
     text.append("█ ", style=OTHER_COLOR).append("other  ")
-    return text.append(f"{FREE[0]} ", style=FREE[1]).append("free")
+    return text.append("█ ", style=FREE_COLOR).append("free")
