@@ -70,7 +70,7 @@ async def wait_until(pilot, condition, timeout=120.0) -> None:
 
 async def ask(pilot, text: str) -> None:
     app = pilot.app
-    await wait_until(pilot, lambda: not app.query_one(PromptInput).disabled)
+    await wait_until(pilot, lambda: app.ready)
     await pilot.click(PromptInput)
     await pilot.press(*text, "enter")
 
@@ -183,7 +183,7 @@ async def test_settings_screen_changes_sampling_and_system_prompt():
     backend = FakeBackend(("ok",))
     app = make_app(backend)
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_until(pilot, lambda: not app.query_one(PromptInput).disabled)
+        await wait_until(pilot, lambda: app.ready)
         await pilot.press("f4")
         await pilot.pause()
         app.screen.query_one("#system").text = "You are terse."

@@ -57,6 +57,7 @@ class DsrunApp(App):
         self.reply: MarkdownStream | None = None  # set while a reply streams in
         self.reply_text = ""
         self.polling = False  # a stats request is in flight: skip ticks rather than pile them up
+        self.ready = False  # the backend is open; until then a question waits in the prompt
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -64,7 +65,7 @@ class DsrunApp(App):
             with TabPane("Chat", id="chat"):
                 yield Transcript()
                 yield StatusLine("loading…")
-                yield PromptInput(placeholder=f"loading {self.backend.name}…", disabled=True)
+                yield PromptInput(placeholder=f"loading {self.backend.name}…")
             with TabPane("Memory", id="memory"):
                 yield MemoryView()
             with TabPane("Experts", id="experts"):
@@ -78,6 +79,7 @@ class DsrunApp(App):
 
     def on_mount(self) -> None:
         self.sub_title = self.backend.name
+        self.main.query_one(PromptInput).focus()  # typing can start while the model loads
         self.open_backend()
 
     def on_unmount(self) -> None:
@@ -123,10 +125,10 @@ class DsrunApp(App):
     # --- messages from the workers ---
 
     def on_backend_ready(self, message: BackendReady) -> None:
+        self.ready = True
         self.sub_title = message.name
         prompt = self.main.query_one(PromptInput)
-        prompt.disabled, prompt.placeholder = False, "Ask something (Enter sends)"
-        prompt.focus()
+        prompt.placeholder = "Ask something (Enter sends)"
         self.request_stats()
         self.set_interval(1 / STATS_HZ, self.request_stats)
 
@@ -167,6 +169,9 @@ class DsrunApp(App):
     async def on_input_submitted(self, event: Input.Submitted) -> None:
         text = event.value.strip()
         if not text:
+            return
+        if not self.ready:
+            self.notify("the model is not ready yet: Enter again once it is", severity="warning")
             return
         if self.reply is not None:
             self.notify("a reply is still coming: Esc stops it", severity="warning")

@@ -118,27 +118,17 @@ class Telemetry:
     def gpus(self) -> tuple[Tier, ...]:
         return tuple(t for t in self.tiers if t.tier == "gpu")
 
-    def tier(self, name: str) -> Tier | None:
-        return next((t for t in self.tiers if t.tier == name), None)
-
 
 @dataclass
 class History:
-    """Recent values of the series the views plot, keyed by name (`decode`, `GPU 0`, `RAM`, …)."""
+    """Recent values of the series the views plot: `decode` tokens/s and one per device label."""
 
     series: dict[str, deque] = field(default_factory=dict)
 
     def push(self, t: Telemetry) -> None:
-        samples = {
-            "decode": t.decode_tps,
-            "prefill": t.prefill_tps,
-            "rss": t.rss_bytes,
-            "hit_rate": t.hit_rate,
-        }
-        samples |= {tier.label: tier.used_bytes for tier in t.tiers}
-        nvme = t.tier("nvme")
-        if nvme is not None:
-            samples["page cache"] = nvme.resident_bytes
+        samples = {"decode": t.decode_tps}
+        # per device its used bytes; NVMe's mapped bytes never move, what the page cache holds does
+        samples |= {x.label: x.resident_bytes if x.tier == "nvme" else x.used_bytes for x in t.tiers}
         for name, value in samples.items():
             self.series.setdefault(name, deque(maxlen=HISTORY_LEN)).append(value or 0)
 
