@@ -104,7 +104,6 @@ class OpenVinoExperts(ConvertedExperts):
 
     def _compute(self, state, a: Assignments) -> torch.Tensor:
         request, n_loaded, _ = state
-        counts = torch.bincount(a.local, minlength=n_loaded)  # (Es,)
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).numpy()  # (Es + 1,)
+        offsets = np.r_[0, np.bincount(a.local, minlength=n_loaded).cumsum()]  # (Es + 1,)
         request.infer({0: a.x.numpy(), 1: offsets})
         return torch.from_numpy(request.get_output_tensor(0).data.copy())  # (A, D)

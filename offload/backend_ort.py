@@ -20,6 +20,7 @@ Legend: A assignments, D model width, F expert width, Es experts loaded, G group
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import numpy as np
@@ -50,6 +51,22 @@ def ort_layout(gq: GroupQuant) -> dict[str, np.ndarray]:
     }
 
 
+@functools.cache
+def missing_qmoe_features() -> list[str]:
+    """What this onnxruntime's QMoE lacks of what the model below uses (older releases: block-wise
+    int4/int8 on the CPU, accuracy_level, router_weights)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+    schema = next(
+        (s for s in C.get_all_operator_schema() if (s.name, s.domain) == ("QMoE", "com.microsoft")), None
+    )
+    if schema is None:
+        return ["the QMoE op"]
+    inputs = {i.name for i in schema.inputs}
+    missing = [a for a in ("accuracy_level", "block_size", "swiglu_fusion") if a not in schema.attributes]
+    return missing + [i for i in ("router_weights", "fc1_zero_points") if i not in inputs]
+
+
 class OrtExperts(ConvertedExperts):
     name = "ort"
     version = 1
@@ -57,6 +74,13 @@ class OrtExperts(ConvertedExperts):
     def __init__(self, **options):
         super().__init__(**options)
         self.threads = shared_thread_pool(self.threads)
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        missing = missing_qmoe_features()
+        if missing:
+            return f"onnxruntime {ort.__version__}'s QMoE lacks {', '.join(missing)} (1.32 has them)"
+        return None
 
     def convert_expert(self, gate: GroupQuant, up: GroupQuant, down: GroupQuant) -> dict[str, np.ndarray]:
         gate, up, down = (m.integer_zero() for m in (gate, up, down))
@@ -86,7 +110,7 @@ class OrtExperts(ConvertedExperts):
     def _compute(self, state, a: Assignments) -> torch.Tensor:
         session, n_loaded, _ = state
         one_hot = np.zeros((len(a.local), n_loaded), np.float32)  # (A, Es)
-        one_hot[np.arange(len(a.local)), a.local.numpy()] = 1.0
+        one_hot[np.arange(len(a.local)), a.local] = 1.0
         feeds = {"input": a.x.numpy(), "router_probs": one_hot, "router_weights": one_hot}
         return torch.from_numpy(session.run(None, feeds)[0])  # (A, D)
 

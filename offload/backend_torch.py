@@ -25,7 +25,6 @@ from .cpu_experts import (
     ConvertedExperts,
     GroupQuant,
     LayerShape,
-    expert_groups,
     stack_rows,
 )
 
@@ -100,7 +99,7 @@ class TorchExperts(ConvertedExperts):
         ff, experts = state
         y = torch.empty_like(a.x)
         x = a.x.to(torch.bfloat16)
-        for e, r0, r1 in expert_groups(a.local):
+        for e, r0, r1 in a.groups():
             gate_up, down = experts[e]
             h = gate_up(x[r0:r1])  # (n, 2F)
             y[r0:r1] = down(F.silu(h[:, :ff]) * h[:, ff:])

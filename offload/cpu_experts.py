@@ -262,9 +262,15 @@ class Assignments:
     """The active assignments of a step, grouped by loaded expert (ascending)."""
 
     x: torch.Tensor  # (A, D) float32: each assignment's token row
-    local: torch.Tensor  # (A,) int64: index of its expert among the layer's loaded experts
+    local: np.ndarray  # (A,) int64: index of its expert among the layer's loaded experts
     tokens: torch.Tensor  # (A,) int64: its token
     weights: torch.Tensor  # (A,) float32: its routing weight
+
+    def groups(self) -> list[tuple[int, int, int]]:
+        """(loaded expert, first row, end row) of each expert's run of rows."""
+        starts = np.flatnonzero(np.r_[True, self.local[1:] != self.local[:-1]])
+        ends = np.r_[starts[1:], len(self.local)]
+        return list(zip(self.local[starts].tolist(), starts.tolist(), ends.tolist()))
 
 
 class CPUExperts(ABC):
@@ -276,7 +282,7 @@ class CPUExperts(ABC):
     def __init__(self, *, threads: int | None = None):
         self.threads = threads or default_threads()
         self.layers: dict[int, object] = {}  # layer -> the backend's loaded state
-        self.loaded: dict[int, torch.Tensor] = {}  # layer -> (E,) int64 loaded index of each expert, or -1
+        self.loaded: dict[int, np.ndarray] = {}  # layer -> (E,) int64 loaded index of each expert, or -1
 
     def load_layer(
         self,
@@ -292,8 +298,8 @@ class CPUExperts(ABC):
         """
         E = gate.shape[0]
         experts = list(range(E)) if experts is None else sorted(experts)
-        index = torch.full((E,), -1, dtype=torch.long)
-        index[experts] = torch.arange(len(experts))
+        index = np.full(E, -1, np.int64)
+        index[experts] = np.arange(len(experts))
         self.layers[layer] = self._load(layer, gate, up, down, experts)
         self.loaded[layer] = index
 
@@ -321,19 +327,28 @@ class CPUExperts(ABC):
         return out
 
     def assignments(self, layer, x, expert_ids, weights, active) -> Assignments | None:
-        tokens, slots = active.nonzero(as_tuple=True)  # (A,) each
-        if tokens.numel() == 0:
+        # numpy: these few tiny index operations cost ~1 us each there, 3-5 us each in torch
+        tokens, slots = np.nonzero(active.numpy())  # (A,) each
+        if len(tokens) == 0:
             return None
-        local = self.loaded[layer][expert_ids[tokens, slots]]  # (A,)
-        if bool((local < 0).any()):
-            missing = sorted(set(expert_ids[tokens, slots][local < 0].tolist()))
+        experts = expert_ids.numpy()[tokens, slots]  # (A,)
+        local = self.loaded[layer][experts]
+        if (local < 0).any():
+            missing = sorted(set(experts[local < 0].tolist()))
             raise ValueError(f"experts {missing} of layer {layer} are not loaded on the CPU")
-        order = torch.argsort(local, stable=True)
-        tokens = tokens[order]
-        return Assignments(x[tokens].float(), local[order], tokens, weights[tokens, slots[order]].float())
+        order = np.argsort(local, kind="stable")
+        tokens, slots = tokens[order], slots[order]
+        rows = torch.from_numpy(x.float().numpy()[tokens])  # (A, D)
+        w = torch.from_numpy(weights.float().numpy()[tokens, slots])  # (A,)
+        return Assignments(rows, local[order], torch.from_numpy(tokens), w)
 
     def stats(self) -> dict:
         return {"backend": self.name, "layers": len(self.layers), "threads": self.threads}
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this backend cannot run here although its package imports (an old version), or None."""
+        return None
 
     @abstractmethod
     def _load(self, layer: int, gate: TensorInfo, up: TensorInfo, down: TensorInfo, experts: list[int]):
@@ -342,13 +357,6 @@ class CPUExperts(ABC):
     @abstractmethod
     def _compute(self, state, a: Assignments) -> torch.Tensor:
         """Each assignment's expert output, unweighted: (A, D) float32."""
-
-
-def expert_groups(local: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(loaded expert, first row, end row) of each run of equal ids in sorted `local`."""
-    ids, counts = torch.unique_consecutive(local, return_counts=True)
-    ends = counts.cumsum(0).tolist()
-    return [(e, end - n, end) for e, n, end in zip(ids.tolist(), counts.tolist(), ends)]
 
 
 class DequantExperts(CPUExperts):
@@ -365,7 +373,7 @@ class DequantExperts(CPUExperts):
 
     def _compute(self, state, a: Assignments) -> torch.Tensor:
         y = torch.empty_like(a.x)
-        for e, r0, r1 in expert_groups(a.local):
+        for e, r0, r1 in a.groups():
             g, u, d = state[e]
             x = a.x[r0:r1]
             y[r0:r1] = F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
@@ -441,6 +449,9 @@ def backend_class(name: str) -> type[CPUExperts]:
 
 def make_backend(name: str, **options) -> CPUExperts:
     cls = backend_class(name)
+    reason = cls.unavailable_reason()
+    if reason:
+        raise BackendUnavailableError(f"CPU expert backend '{name}' cannot run here: {reason}")
     if not issubclass(cls, ConvertedExperts):
         options.pop("cache_dir", None)
         options.pop("use_shards", None)
@@ -451,10 +462,10 @@ def available_backends() -> list[str]:
     names = []
     for name in BACKENDS:
         try:
-            backend_class(name)
+            if backend_class(name).unavailable_reason() is None:
+                names.append(name)
         except BackendUnavailableError:
             continue
-        names.append(name)
     return names
 
 
@@ -533,6 +544,32 @@ def synthetic_layer(shape: LayerShape, n_expert: int | None = None, seed: int = 
         data = blocks.reshape(E, N, Kin // block * type_size)  # (E, N, row bytes)
         layer.append(TensorInfo(f"blk.0.ffn_{proj}_exps.weight", qtype, (E, N, Kin), data, Path("-"), 0))
     return layer
+
+
+def write_synthetic_experts(path: str | Path, shape: LayerShape, layers=(0,), seed: int = 0) -> Path:
+    """A GGUF holding only the routed-expert tensors of `shape` for `layers`: Gaussian weights (variance
+    1 / fan-in) quantized by ggml itself (dsrun.synth.encode), what tests and benchmarks load like a
+    real model's layer."""
+    from gguf import GGUFWriter
+
+    from dsrun.synth import encode
+
+    rng = np.random.default_rng(seed)
+    D, F_ = shape.hidden, shape.ff
+    w = GGUFWriter(str(path), "deepseek2")
+    for layer in layers:
+        for proj, qtype, (N, Kin) in zip(PROJECTIONS, shape.qtypes, ((F_, D), (F_, D), (D, F_))):
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            data = np.empty((shape.n_expert, N, Kin // block * type_size), np.uint8)  # (E, N, row bytes)
+            for e in range(shape.n_expert):  # one expert's floats at a time
+                rows = (rng.standard_normal((N, Kin), dtype=np.float32) / np.sqrt(Kin)).astype(np.float32)
+                data[e] = encode(rows, qtype).reshape(N, -1)
+            w.add_tensor(f"blk.{layer}.ffn_{proj}_exps.weight", data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
 
 
 def time_layer(backend: CPUExperts, shape: LayerShape, n_loaded: int, repeats: int = BENCH_REPEATS) -> float:

@@ -13,7 +13,6 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as Q
 
 from dsrun.errors import DsrunError
@@ -28,9 +27,9 @@ from dsrun.offload.cpu_experts import (
     expert_matrix,
     make_backend,
     requantize,
+    write_synthetic_experts,
 )
 from dsrun.quants import dequantize
-from dsrun.synth import encode
 
 E, D, F, T, K = 8, 256, 256, 6, 3
 
@@ -58,23 +57,9 @@ def backend_param(name: str):
 BACKENDS = [backend_param(name) for name in TOLERANCE]
 
 
-def write_expert_gguf(path, qtypes, *, n_expert=E, hidden=D, ff=F, layers=(0,), seed=0):
-    """A GGUF holding only routed expert tensors, quantized by ggml; returns the opened file."""
-    rng = np.random.default_rng(seed)
-    w = GGUFWriter(str(path), "deepseek2")
-    for layer in layers:
-        for proj, qtype, (n, k) in zip(
-            ("gate", "up", "down"), qtypes, ((ff, hidden), (ff, hidden), (hidden, ff))
-        ):
-            rows = (rng.standard_normal((n_expert * n, k)) / np.sqrt(k)).astype(np.float32)
-            block, type_size = GGML_QUANT_SIZES[qtype]
-            data = encode(rows, qtype).reshape(n_expert, n, k // block * type_size)  # (E, N, row bytes)
-            w.add_tensor(f"blk.{layer}.ffn_{proj}_exps.weight", data, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return GGUFFile(path)
+def write_expert_gguf(path, qtypes, *, n_expert=E, hidden=D, ff=F, layers=(0,), seed=0) -> GGUFFile:
+    shape = LayerShape(n_expert, hidden, ff, K, tuple(qtypes))
+    return GGUFFile(write_synthetic_experts(path, shape, layers, seed))
 
 
 def layer_tensors(f: GGUFFile, layer: int = 0):
