@@ -34,6 +34,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", default="auto", help="'auto', 'none', a count, or ids like 0,1")
     p.add_argument("--gpu-mem", default=None, help="GPU memory budget per card, e.g. 24GiB or 24GiB,16GiB")
     p.add_argument("--ram", default=None, help="RAM budget for weights and experts, e.g. 64GiB")
+    p.add_argument(
+        "--cpu-backend",
+        default=None,
+        choices=["auto", "dequant", "torch", "ort", "openvino"],
+        help="CPU expert backend (default: $DSRUN_CPU_BACKEND, else the fastest measured here)",
+    )
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

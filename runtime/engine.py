@@ -71,12 +71,48 @@ def check_quant_types(f: GGUFFile) -> None:
             )
 
 
+def cpu_expert_backend(f: GGUFFile, requested: str | None, threads: int | None):
+    """The CPU expert backend for this model: `requested` (or $DSRUN_CPU_BACKEND), else the exact F32
+    reference for unquantized experts and the fastest on this machine (timed once, cached) for quantized
+    ones; None for a dense model."""
+    from gguf import GGMLQuantizationType as Q
+
+    from dsrun.offload.cpu_experts import LayerShape, choose_backend
+
+    gate = next((i for n, i in f.tensors.items() if n.endswith("ffn_gate_exps.weight")), None)
+    if gate is None:
+        return None
+    layer = gate.name.split(".")[1]
+    up, down = (f.tensor(f"blk.{layer}.ffn_{p}_exps.weight") for p in ("up", "down"))
+    shape = LayerShape.from_tensors(gate, up, down, top_k=int(f.get("expert_used_count", 1)))
+    requested = requested or os.environ.get("DSRUN_CPU_BACKEND")
+    if requested is None and all(t.qtype in (Q.F32, Q.F16, Q.BF16) for t in (gate, up, down)):
+        requested = "dequant"  # requantizing float experts would only lose precision
+    return choose_backend(shape, requested, threads=threads)
+
+
 def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 class Engine:
-    def __init__(self, path: Path, *, ctx: int = 4096, threads: int | None = None):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        ctx: int = 4096,
+        threads: int | None = None,
+        gpus="auto",
+        gpu_mem=None,
+        ram=None,
+        placement=None,
+        cpu_backend: str | None = None,
+        offload_options: dict | None = None,
+    ):
+        """`offload_options` go to attach_offload (tests stand a CPU in for a GPU with slot_device)."""
+        from dsrun.offload.hybrid import attach_offload
+        from dsrun.plan import plan_model
+
         t0 = time.perf_counter()
         torch.set_num_threads(threads or default_threads())
         self.path = path
@@ -84,7 +120,12 @@ class Engine:
         module = model_module(self.file.arch)
         check_quant_types(self.file)
         self.config = module.Config.from_gguf(self.file)
+        self.plan = plan_model(path, ctx=ctx, gpus=gpus, gpu_mem=gpu_mem, ram=ram, placement=placement)
         self.model = module.Model(self.config, self.file)
+        options = dict(offload_options or {})
+        if cpu_backend is not None or "backend" not in options:
+            options["backend"] = cpu_expert_backend(self.file, cpu_backend, threads)
+        self.offload = attach_offload(self.model, self.file, self.plan, **options)
         self.tokenizer = Tokenizer(path, self.file)
         self.ctx = ctx
         self.lock = threading.Lock()  # one generation at a time through this object
@@ -183,21 +224,41 @@ class Engine:
         self.timings[f"{phase}_s"] += time.perf_counter() - t0
 
     def stats(self) -> dict:
+        """Memory per tier and device, expert placement and cache counters, speed; see tui/telemetry.py."""
+        from dsrun.offload.hybrid import weight_bytes_by_device
+
         t = self.timings
-        proc = psutil.Process()
-        weights = sum(i.nbytes for i in self.file.tensors.values())
+        budgets = {tier.device: tier.budget_bytes for tier in self.plan.tiers}
+        if self.offload is not None:
+            placed = self.offload.stats(budgets)
+        else:
+            placed = {"tiers": [], "experts": {"total": 0, "hit_rate": None}}
+        tiers = {tier["device"]: tier for tier in placed["tiers"]}
+        for device, n in weight_bytes_by_device(self.model).items():
+            tier = tiers.setdefault(
+                device,
+                {
+                    "tier": "gpu" if device != "cpu" else "ram",
+                    "device": device,
+                    "budget_bytes": budgets.get(device),
+                    "used_bytes": 0,
+                    "experts": 0,
+                },
+            )
+            tier["weights_bytes"] = n
+            tier["used_bytes"] += n
         return {
             "model": self.name,
             "arch": self.file.arch,
             "ctx": self.ctx,
             "load_seconds": round(self.load_seconds, 3),
             "memory": {
-                "rss_bytes": proc.memory_info().rss,
+                "rss_bytes": psutil.Process().memory_info().rss,
                 "file_bytes": self.file.file_bytes,
-                "weights_bytes": weights,
-                "tiers": [{"tier": "ram", "device": "cpu", "used_bytes": weights, "experts": 0}],
+                "weights_bytes": sum(tier.get("weights_bytes", 0) for tier in tiers.values()),
+                "tiers": sorted(tiers.values(), key=lambda tier: ("gpu", "ram", "nvme").index(tier["tier"])),
             },
-            "experts": {"total": 0, "hit_rate": None},
+            "experts": placed["experts"],
             "tokens_per_s": {
                 "prefill": t["prefill_tokens"] / t["prefill_s"] if t["prefill_s"] else None,
                 "decode": t["decode_tokens"] / t["decode_s"] if t["decode_s"] else None,
@@ -215,7 +276,28 @@ class Engine:
         self.close()
 
 
-def load(model="default", *, ctx=4096, threads=None, gpus="auto", gpu_mem=None, ram=None, placement=None):
+def load(
+    model="default",
+    *,
+    ctx=4096,
+    threads=None,
+    gpus="auto",
+    gpu_mem=None,
+    ram=None,
+    placement=None,
+    cpu_backend=None,
+    offload_options=None,
+):
     if not isinstance(ctx, int) or ctx < 16:
         raise InvalidRequestError("ctx must be an integer of at least 16 tokens")
-    return Engine(resolve_model(model), ctx=ctx, threads=threads)
+    return Engine(
+        resolve_model(model),
+        ctx=ctx,
+        threads=threads,
+        gpus=gpus,
+        gpu_mem=gpu_mem,
+        ram=ram,
+        placement=placement,
+        cpu_backend=cpu_backend,
+        offload_options=offload_options,
+    )

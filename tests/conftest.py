@@ -12,6 +12,8 @@ from dsrun.engine import resolve_model
 
 # Two cores: one torch thread per test process keeps timing noise and oversubscription down.
 torch.set_num_threads(int(os.environ.get("DSRUN_TEST_THREADS", "2")))
+# Parity tests run the exact CPU expert path; backend tests ask for their backend by name.
+os.environ.setdefault("DSRUN_CPU_BACKEND", "dequant")
 
 
 def pytest_collection_modifyitems(config, items):

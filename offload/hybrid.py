@@ -1,0 +1,132 @@
+"""Turn a loaded model into a hybrid one: each MoE layer's routed experts placed by the planner's plan,
+computed where they live, and cached on GPUs by the hot-expert policy."""
+
+from __future__ import annotations
+
+import torch
+
+from dsrun.gguf_file import GGUFFile
+from dsrun.models.moe import MoEFFN
+
+from .cpu_experts import CPUExperts, make_backend
+from .device_slots import DeviceExpertSlots
+from .placed import ExpertFile, HomeExperts, Offload
+from .planner import Plan
+
+
+class PlacedExperts:
+    """Stands in for a MoE layer's ExpertWeights: the layer's assignments go to the Offload scheduler."""
+
+    def __init__(self, offload: Offload, layer: int, n_expert: int):
+        self.offload, self.layer, self.n_expert = offload, layer, n_expert
+
+    def run(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.offload.run(self.layer, x, expert_ids, weights)
+
+
+def model_tensors(obj, seen: set[int] | None = None):
+    """Every weight tensor a model object holds (blocks, their parts, lists of them), each once; the
+    placed experts are the Offload's and are not walked."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, (PlacedExperts, Offload)):
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from model_tensors(item, seen)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("dsrun.models"):
+        for value in vars(obj).values():
+            yield from model_tensors(value, seen)
+
+
+def weight_bytes_by_device(model) -> dict[str, int]:
+    """Bytes of the model's own (non-placed) tensors per device: "cpu", "cuda:0", ..."""
+    out: dict[str, int] = {}
+    for t in model_tensors(model):
+        key = "cpu" if t.device.type == "cpu" else str(t.device)
+        out[key] = out.get(key, 0) + t.numel() * t.element_size()
+    return out
+
+
+def moe_layers(model) -> dict[int, MoEFFN]:
+    """Each block's MoE feed-forward, found by type so every architecture is covered."""
+    found = {}
+    for i, block in enumerate(model.blocks):
+        for value in vars(block).values():
+            if isinstance(value, MoEFFN):
+                found[i] = value
+    return found
+
+
+def slot_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU (half the bytes, tensor cores); F32 where a test stands a CPU in for a GPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def attach_offload(
+    model,
+    f: GGUFFile,
+    plan: Plan,
+    *,
+    backend: CPUExperts | None = None,
+    slot_device: dict[str, str] | None = None,
+    background: bool = True,
+) -> Offload | None:
+    """Replace every MoE layer's experts by placed ones. `slot_device` maps a planned GPU ("cuda:0") to
+    the device that holds its slots (tests map it to "cpu"). Returns None for a dense model."""
+    layers = moe_layers(model)
+    if not layers:
+        return None
+    backend = backend or make_backend("dequant")
+    homes, slots = {}, {}
+    pools: dict[str, DeviceExpertSlots] = {}
+    for layer in layers:
+        source = ExpertFile(f, layer)
+        where = [plan.expert_devices.get((layer, e), "disk") for e in range(source.n_expert)]
+        homes[layer] = HomeExperts(source, backend, [e for e, d in enumerate(where) if d == "cpu"])
+        gpu = plan.layer_devices[layer]
+        if gpu.startswith("cuda"):
+            if gpu not in pools:
+                pools[gpu] = make_pool(
+                    plan, gpu, source, len(model.blocks), (slot_device or {}).get(gpu, gpu)
+                )
+            slots[layer] = pools[gpu]
+    offload = Offload(homes, slots, background=background)
+    for layer, ffn in layers.items():
+        offload.routers[layer] = ffn
+        ffn.experts = PlacedExperts(offload, layer, homes[layer].source.n_expert)
+    for (layer, e), device in plan.expert_devices.items():  # the planned GPU experts start resident
+        pool = slots.get(layer)
+        if device.startswith("cuda") and pool is not None and pool.free:
+            offload.promote(pool, layer, e)
+    return offload
+
+
+def make_pool(plan: Plan, gpu: str, source: ExpertFile, n_layers: int, device: str) -> DeviceExpertSlots:
+    """As many slots as the GPU's budget holds once its resident tensors and KV cache are in.
+
+    Slots hold dequantized weights, so a slot costs more than the expert's bytes in the file (the plan
+    counts those): the pool is sized in slot bytes, and the plan's GPU experts fill it hottest first.
+    """
+    tier = plan.tier(gpu)
+    dev = torch.device(device)
+    per_slot = 3 * source.n_ff * source.n_embd * torch.finfo(slot_dtype(dev)).bits // 8
+    free = tier.budget_bytes - tier.weight_bytes - tier.kv_bytes
+    n_slots = max(
+        1,
+        min(
+            free // per_slot,
+            sum(layer_device == gpu for layer_device in plan.layer_devices) * source.n_expert,
+        ),
+    )
+    while True:
+        try:
+            return DeviceExpertSlots(
+                dev, n_slots, source.n_ff, source.n_embd, n_layers, source.n_expert, slot_dtype(dev), name=gpu
+            )
+        except torch.OutOfMemoryError:
+            if n_slots == 1:
+                raise
+            n_slots //= 2  # the budget overstated what is free: hold fewer experts, never fail the load

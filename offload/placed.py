@@ -1,0 +1,299 @@
+"""Routed experts spread over tiers, and the scheduler that sits between the router and expert compute.
+
+Every routed expert always lives in RAM or in the memory-mapped GGUF on disk (its *home*); GPUs hold
+copies of the hot ones in slots. Per MoE layer, the router's assignments are split by where each expert
+is: slot-resident experts run on their device while the rest run on the CPU at the same time, and the
+two partial sums are added. After each forward the hot-expert policy decides promotions and demotions,
+which a background thread carries out, so a decode step never waits for a copy.
+
+Legend: T tokens, K experts per token, D model width, F expert width, E experts per layer, L layers.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dsrun.gguf_file import GGUFFile, TensorInfo
+from dsrun.quants import dequantize
+
+from .cpu_experts import CPUExperts
+from .device_slots import DeviceExpertSlots
+from .expert_compute import swiglu, weighted_experts
+from .hot_cache import HotExpertPolicy
+
+PROJECTIONS = ("gate", "up", "down")
+
+
+class ExpertFile:
+    """One MoE layer's routed-expert tensors as stored in the GGUF: per-expert bytes, dequantized on demand."""
+
+    def __init__(self, f: GGUFFile, layer: int):
+        self.layer = layer
+        self.infos: dict[str, TensorInfo] = {
+            p: f.tensor(f"blk.{layer}.ffn_{p}_exps.weight") for p in PROJECTIONS
+        }
+        self.n_expert = self.infos["gate"].shape[0]
+        self.n_ff, self.n_embd = self.infos["gate"].shape[1:]
+
+    def expert_bytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values()) // self.n_expert
+
+    def dequant(self, e: int) -> tuple[torch.Tensor, ...]:
+        """(gate (F, D), up (F, D), down (D, F)) float32 from the file's (page-cached) bytes."""
+        return tuple(dequantize(i.data[e], i.qtype, i.shape[1:], name=i.name) for i in self.infos.values())
+
+    def page_in(self, e: int) -> None:
+        """Ask the kernel to read the expert's bytes into the page cache now, in the background."""
+        for info in self.infos.values():
+            per_expert = info.nbytes // self.n_expert
+            with open(info.path, "rb") as fh:
+                os.posix_fadvise(
+                    fh.fileno(), info.offset + e * per_expert, per_expert, os.POSIX_FADV_WILLNEED
+                )
+
+
+class HomeExperts:
+    """The CPU side of one layer. RAM experts are loaded into a CPU expert backend (converted or
+    dequantized once); the others stay in the mapped file and are dequantized from the page cache at
+    each use, which is what serving from NVMe costs."""
+
+    def __init__(self, source: ExpertFile, backend: CPUExperts, in_ram: list[int]):
+        self.source = source
+        self.backend = backend
+        self.ram_mask = np.zeros(source.n_expert, dtype=bool)  # (E,)
+        self.ram_mask[in_ram] = True
+        if in_ram:
+            backend.load_layer(source.layer, *source.infos.values(), experts=in_ram)
+
+    def in_ram(self, e: int) -> bool:
+        return bool(self.ram_mask[e])
+
+    def ram_bytes(self) -> int:
+        return int(self.ram_mask.sum()) * self.source.expert_bytes()
+
+    def weights(self, e: int) -> tuple[torch.Tensor, ...]:
+        """F32 weights of one expert (for a copy to a device slot), from the file's bytes."""
+        return self.source.dequant(e)
+
+    def run(self, x: torch.Tensor, expert_ids, weights, active) -> torch.Tensor:
+        in_ram = torch.from_numpy(self.ram_mask)[expert_ids] & active  # (T, K)
+        out = self.backend.forward(self.source.layer, x, expert_ids, weights, in_ram) if in_ram.any() else 0
+        mapped = active & ~in_ram
+        if mapped.any():
+            out = out + weighted_experts(
+                x, expert_ids, weights, mapped, lambda e, rows: swiglu(rows, *self.weights(e))
+            )
+        return out if torch.is_tensor(out) else torch.zeros_like(x)
+
+
+def _tier(tier: str, device: str, budget: int | None) -> dict:
+    return {
+        "tier": tier,
+        "device": device,
+        "budget_bytes": budget,
+        "used_bytes": 0,
+        "experts_bytes": 0,
+        "experts": 0,
+    }
+
+
+@dataclass
+class Counters:
+    steps: int = 0
+    cpu_assignments: int = 0
+    device_assignments: int = 0
+    predicted_hits: int = 0  # prefetch: next-layer experts predicted that were then routed to
+    predicted_total: int = 0  # experts actually routed in layers that had a prediction
+    promotions: int = 0
+    demotions: int = 0
+
+
+class Offload:
+    """Owns the expert homes, the device slots and the hot-expert policy for a whole model."""
+
+    def __init__(
+        self,
+        homes: dict[int, HomeExperts],
+        slots: dict[int, DeviceExpertSlots],
+        *,
+        background: bool = True,
+        policy: HotExpertPolicy | None = None,
+    ):
+        self.homes = homes  # MoE layer -> its experts' home
+        self.slots = slots  # MoE layer -> the device slots of the GPU holding that layer
+        self.layers = sorted(homes)
+        first = homes[self.layers[0]].source if homes else None
+        n_layers = max(self.layers) + 1 if homes else 0
+        self.policy = policy or HotExpertPolicy(n_layers, first.n_expert if first else 0)
+        self.counters = Counters()
+        self.lock = threading.Lock()  # slot tables change in the mover thread, are read by forward
+        self.predicted: dict[int, set[int]] = {}
+        self.routers: dict[int, object] = {}  # MoE layer -> its MoE FFN, for pre-gating the next layer
+        self.background = background
+        self.jobs: queue.Queue = queue.Queue(maxsize=1)
+        self.mover = threading.Thread(target=self._move_loop, daemon=True) if background else None
+        if self.mover:
+            self.mover.start()
+
+    # --- the forward path -------------------------------------------------------------------------------
+
+    def run(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The layer's routed-expert output (T, D) for the router's assignments, split by tier."""
+        slots = self.slots.get(layer)
+        with self.lock:
+            resident = (
+                slots.resident[layer].copy()
+                if slots is not None
+                else np.zeros(self.homes[layer].source.n_expert, bool)
+            )
+            on_device = torch.from_numpy(resident)[expert_ids.cpu()]  # (T, K)
+            device_out = slots.run(layer, x, expert_ids, weights, on_device) if on_device.any() else None
+        self._count(layer, expert_ids, resident, on_device)
+        x_cpu = x.cpu()
+        out = self.homes[layer].run(x_cpu, expert_ids, weights, ~on_device)  # (T, D), overlaps the device
+        if device_out is not None:
+            out = out + device_out.to(out.device, out.dtype)
+        self.prefetch_next(layer, x)
+        if layer == self.layers[-1]:  # the step's last MoE layer: the cache may move now
+            self.after_step()
+        return out.to(x.device)
+
+    def _count(self, layer: int, expert_ids: torch.Tensor, resident: np.ndarray, on_device) -> None:
+        ids = expert_ids.cpu().numpy()
+        self.policy.observe(layer, ids, resident)
+        n_dev = int(on_device.sum())
+        self.counters.device_assignments += n_dev
+        self.counters.cpu_assignments += ids.size - n_dev
+        guess = self.predicted.pop(layer, None)
+        if guess is not None:
+            actual = set(ids.ravel().tolist())
+            self.counters.predicted_hits += len(actual & guess)
+            self.counters.predicted_total += len(actual)
+
+    def prefetch_next(self, layer: int, x: torch.Tensor) -> None:
+        """Pre-gating: the next MoE layer's router on this layer's input predicts its experts; those
+        living in the mapped file are paged in now so the read overlaps this layer's compute."""
+        nxt = next((i for i in self.layers if i > layer), None)
+        if nxt is None or nxt not in self.routers:
+            return
+        with torch.no_grad():
+            ids, _ = self.routers[nxt].route(x)
+        guess = set(ids.cpu().flatten().tolist())
+        self.predicted[nxt] = guess
+        home = self.homes[nxt]
+        for e in guess:
+            if not home.in_ram(e):
+                home.source.page_in(e)
+
+    # --- the hot-expert cache ---------------------------------------------------------------------------
+
+    def after_step(self) -> None:
+        """One forward is done: decay counts and move experts (in the background unless told not to)."""
+        self.counters.steps += 1
+        self.policy.step()
+        if not self.slots:
+            return
+        if self.background:
+            try:
+                self.jobs.put_nowait(True)  # one pending rebalance is enough; skip if one is queued
+            except queue.Full:
+                pass
+        else:
+            self.rebalance()
+
+    def _move_loop(self) -> None:
+        while True:
+            self.jobs.get()
+            try:
+                self.rebalance()
+            finally:
+                self.jobs.task_done()
+
+    def rebalance(self) -> None:
+        for device_slots, layers in self._devices():
+            with self.lock:
+                resident = set(device_slots.slot_of)
+            moves = self.policy.decide(layers, device_slots.n_slots, resident)
+            for key in moves.demote:
+                with self.lock:
+                    device_slots.drop(*key)
+                self.counters.demotions += 1
+            for layer, e in moves.promote:
+                self.promote(device_slots, layer, e)
+
+    def promote(self, device_slots: DeviceExpertSlots, layer: int, e: int) -> None:
+        weights = self.homes[layer].weights(e)  # dequantized outside the lock: forward keeps running
+        try:
+            with self.lock:
+                device_slots.load(layer, e, *weights)
+        except torch.OutOfMemoryError:  # the device is fuller than its budget said: keep it on the CPU
+            return
+        self.counters.promotions += 1
+
+    def _devices(self) -> list[tuple[DeviceExpertSlots, list[int]]]:
+        by_id: dict[int, tuple[DeviceExpertSlots, list[int]]] = {}
+        for layer, s in self.slots.items():
+            by_id.setdefault(id(s), (s, []))[1].append(layer)
+        return list(by_id.values())
+
+    # --- what it reports ---------------------------------------------------------------------------------
+
+    def stats(self, budgets: dict[str, int | None]) -> dict:
+        """Expert placement per tier and the cache's counters, in the schema of tui/telemetry.py.
+
+        Each expert counts once, at the fastest tier that holds it: a GPU slot, else RAM, else the file.
+        """
+        pools = self._devices()
+        tiers = {p.name: _tier("gpu", p.name, budgets.get(p.name)) for p, _ in pools}
+        tiers["cpu"] = _tier("ram", "cpu", budgets.get("cpu"))
+        tiers["disk"] = _tier("nvme", "disk", None)
+        rows = []
+        with self.lock:
+            for layer in self.layers:
+                home, pool = self.homes[layer], self.slots.get(layer)
+                row = []
+                for e in range(home.source.n_expert):
+                    if pool is not None and pool.resident[layer, e]:
+                        key, char = pool.name, pool.name.rpartition(":")[2]
+                    else:
+                        key, char = ("cpu", "r") if home.in_ram(e) else ("disk", "n")
+                    tiers[key]["experts"] += 1
+                    tiers[key]["experts_bytes"] += home.source.expert_bytes()
+                    row.append(char)
+                rows.append("".join(row))
+            for p, _ in pools:
+                tiers[p.name]["experts_bytes"] = p.used_bytes()  # slots hold dequantized copies
+        for t in tiers.values():
+            t["used_bytes"] = t["experts_bytes"]
+        c = self.counters
+        scores = self.policy.scores[self.layers]  # (L, E)
+        peak = scores.max() if scores.size and scores.max() > 0 else 1.0
+        return {
+            "tiers": list(tiers.values()),
+            "experts": {
+                "total": sum(h.source.n_expert for h in self.homes.values()),
+                "hit_rate": self.policy.hit_rate,
+                "first_layer": self.layers[0] if self.layers else 0,
+                "placement": rows,
+                "hotness": (scores / peak).round(3).tolist(),
+                "promotions": c.promotions,
+                "demotions": c.demotions,
+                "bytes_moved_per_step": sum(p.bytes_moved for p, _ in pools) / max(1, c.steps),
+                "prefetch_accuracy": c.predicted_hits / c.predicted_total if c.predicted_total else None,
+                "cpu_assignments": c.cpu_assignments,
+                "device_assignments": c.device_assignments,
+            },
+        }
+
+    def wait_idle(self) -> None:
+        """Block until queued moves are done (tests and benchmarks that need a settled cache)."""
+        if self.background:
+            self.jobs.join()

@@ -1,0 +1,126 @@
+"""The hybrid engine: placement never changes the answer, the cache moves experts, stats report it.
+
+The "GPU" tier runs with CPU tensors here (CI has no GPU): the plan is made for a GPU the machine does
+not have, and its expert slots are put on the CPU, so the same slot code that runs on CUDA is exercised.
+Expert popularity comes from the generator's skewed routers (Zipf exponent 1.2, high locality).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dsrun
+from dsrun.errors import MemoryBudgetError
+
+FAKE_GPU = {"slot_device": {"cuda:0": "cpu"}}
+
+
+@pytest.fixture(scope="module")
+def moe_gguf(tmp_path_factory):
+    from dsrun.synth import synthesize
+
+    path = tmp_path_factory.mktemp("hybrid") / "ds2-tiny.gguf"
+    return synthesize(
+        path, "deepseek2", n_layer=4, n_expert=16, n_expert_used=4, skew=1.2, locality=0.8, seed=3
+    )
+
+
+@pytest.fixture(scope="module")
+def budgets(moe_gguf):
+    """RAM that holds the non-expert tensors and KV cache and not one expert; a GPU budget with room
+    for 6 expert slots (F32 slots on the CPU stand-in) beyond those."""
+    from dsrun.gguf_file import GGUFFile
+    from dsrun.offload.planner import model_sizes
+
+    sizes = model_sizes(GGUFFile(moe_gguf), 256)
+    need = sizes.resident_bytes + sizes.kv_cache_bytes
+    slot = 3 * 256 * 256 * 4
+    return {"starved_ram": need, "gpu": {"gpus": [0], "gpu_mem": need + 6 * slot, "ram": "1MiB"}}
+
+
+@pytest.fixture(scope="module")
+def prompt(moe_gguf):
+    eng = dsrun.load(moe_gguf, ctx=256)
+    tokens = eng.tokenize("The quick brown fox jumps over the lazy dog, then runs far away into the woods.")
+    eng.close()
+    return tokens
+
+
+def logits_with(path, tokens, **load):
+    eng = dsrun.load(path, ctx=256, **load)
+    try:
+        return eng.logits(tokens), eng
+    finally:
+        eng.close()
+
+
+def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_every_placement_gives_the_same_logits(moe_gguf, prompt, budgets):
+    reference, eng = logits_with(moe_gguf, prompt, gpus=[], ram="64GiB")
+    assert eng.offload is not None and all(h.ram_mask.all() for h in eng.offload.homes.values())
+    starved, eng = logits_with(moe_gguf, prompt, gpus=[], ram=budgets["starved_ram"])  # experts from the file
+    assert not any(h.ram_mask.any() for h in eng.offload.homes.values())
+    tiny_gpu, eng = logits_with(
+        moe_gguf, prompt, **budgets["gpu"], offload_options=FAKE_GPU | {"background": False}
+    )
+    assert eng.offload.counters.device_assignments > 0 and eng.offload.counters.cpu_assignments > 0
+    for other in (starved, tiny_gpu):
+        assert rel_diff(other, reference) <= 1e-4
+
+
+def test_decode_while_the_cache_promotes_and_demotes(moe_gguf, prompt, budgets):
+    reference = dsrun.load(moe_gguf, ctx=256, gpus=[])
+    cached = dsrun.load(moe_gguf, ctx=256, **budgets["gpu"], offload_options=FAKE_GPU | {"background": False})
+    cached.offload.policy.max_moves = 2
+    ours = [t for c in cached.generate(prompt, max_tokens=24, temperature=0) for t in c.tokens]
+    ref = [t for c in reference.generate(prompt, max_tokens=24, temperature=0) for t in c.tokens]
+    assert ours == ref
+    counters = cached.offload.counters
+    assert counters.promotions > 0 and counters.demotions > 0
+    assert rel_diff(cached.logits(prompt + ours), reference.logits(prompt + ours)) <= 1e-4
+
+
+def test_background_mover_keeps_answers(moe_gguf, prompt, budgets):
+    reference, _ = logits_with(moe_gguf, prompt, gpus=[])
+    eng = dsrun.load(moe_gguf, ctx=256, **budgets["gpu"], offload_options=FAKE_GPU)
+    for _ in range(3):
+        assert rel_diff(eng.logits(prompt), reference) <= 1e-4
+        eng.offload.wait_idle()
+    assert eng.offload.counters.promotions > 0
+
+
+def test_stats_report_tiers_and_hit_rate(moe_gguf, prompt, budgets):
+    eng = dsrun.load(moe_gguf, ctx=256, **budgets["gpu"], offload_options=FAKE_GPU | {"background": False})
+    eng.logits(prompt)
+    stats = eng.stats()
+    tiers = {t["device"]: t for t in stats["memory"]["tiers"]}
+    assert {"cuda:0", "cpu", "disk"} <= set(tiers)
+    assert sum(t["experts"] for t in tiers.values()) == stats["experts"]["total"] == 3 * 16
+    assert 0 < stats["experts"]["hit_rate"] < 1
+    assert stats["experts"]["placement"] and len(stats["experts"]["placement"][0]) == 16
+
+
+def test_budget_too_small_for_resident_tensors_names_what_is_missing(moe_gguf):
+    with pytest.raises(MemoryBudgetError, match="cuda:0"):
+        dsrun.load(moe_gguf, ctx=256, gpus=[0], gpu_mem="64KiB", offload_options=FAKE_GPU)
+
+
+def test_out_of_memory_during_a_promotion_keeps_the_expert_on_the_cpu(moe_gguf, prompt, budgets, monkeypatch):
+    import torch
+
+    from dsrun.offload.device_slots import DeviceExpertSlots
+
+    def out_of_memory(self, *args):
+        raise torch.OutOfMemoryError("injected: the device is full")
+
+    monkeypatch.setattr(DeviceExpertSlots, "load", out_of_memory)
+    reference, _ = logits_with(moe_gguf, prompt, gpus=[])
+    starved, eng = logits_with(
+        moe_gguf, prompt, **budgets["gpu"], offload_options=FAKE_GPU | {"background": False}
+    )
+    assert eng.offload.counters.promotions == 0 and eng.offload.counters.device_assignments == 0
+    assert rel_diff(starved, reference) <= 1e-4
