@@ -293,6 +293,16 @@ def test_bin_map_shows_the_hottest_expert_of_each_cell():
     assert heat[0].tolist() == pytest.approx([0.9, 1.0])
 
 
+def test_cancel_stays_in_force_when_the_next_stream_starts():
+    backend = FakeBackend(itertools.repeat("w"))
+    first = backend.chat([], Sampling())
+    next(first)
+    backend.cancel()  # "new chat" cancels, then the next question opens a stream at once
+    second = backend.chat([], Sampling())
+    assert next(second).text == "w"
+    assert list(itertools.islice(first, 3)) == []
+
+
 def test_sse_events_stop_at_done():
     lines = ['data: {"a": 1}', "", ": keep-alive", 'data: {"b": 2}', "data: [DONE]", 'data: {"c": 3}']
     assert list(sse_events(iter(lines))) == [{"a": 1}, {"b": 2}]

@@ -91,8 +91,8 @@ class DsrunApp(App):
     def open_backend(self) -> None:
         try:
             self.backend.open()
-        except DsrunError as e:
-            self.post_message(BackendFailed(str(e)))
+        except Exception as e:  # shown in the transcript: the app stays up to say what went wrong
+            self.post_message(BackendFailed(error_text(e)))
             return
         self.post_message(BackendReady(self.backend.name))
 
@@ -110,7 +110,7 @@ class DsrunApp(App):
             return
         self.post_message(ReplyFinished(reply_id, finish, usage, time.perf_counter() - t0))
 
-    @work(thread=True, group="stats")
+    @work(thread=True, group="stats", exit_on_error=False)  # a failed poll only skips a frame
     def poll_stats(self) -> None:
         try:
             self.post_message(TelemetryUpdated(Telemetry.from_stats(self.backend.stats())))

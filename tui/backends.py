@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
@@ -43,26 +44,30 @@ class StreamingBackend:
     name = ""
 
     def __init__(self):
-        self._cancelled = threading.Event()
+        # one event per stream, so a stream cancelled by "new chat" stays cancelled when the next one starts
+        self._live: weakref.WeakSet[threading.Event] = weakref.WeakSet()
         self.ttft_s: float | None = None
 
     def chat(self, messages: list[dict], sampling: Sampling) -> Iterator[Chunk]:
-        self._cancelled.clear()  # here, not in the generator: a cancel before its first step still counts
-        return self._guarded(self._stream(messages, sampling), time.perf_counter())
+        cancelled = threading.Event()
+        self._live.add(cancelled)  # here, not in the generator: a cancel before its first step still counts
+        return self._guarded(self._stream(messages, sampling), cancelled, time.perf_counter())
 
     def cancel(self) -> None:
-        self._cancelled.set()
+        for cancelled in list(self._live):
+            cancelled.set()
 
-    def _guarded(self, chunks: Iterator[Chunk], t0: float) -> Iterator[Chunk]:
+    def _guarded(self, chunks: Iterator[Chunk], cancelled: threading.Event, t0: float) -> Iterator[Chunk]:
         try:
             for i, chunk in enumerate(chunks):
                 if i == 0:
                     self.ttft_s = time.perf_counter() - t0
                 yield chunk
-                if self._cancelled.is_set():
+                if cancelled.is_set():
                     return
         finally:
             chunks.close()  # releases the engine's lock or the HTTP response in this same thread
+            self._live.discard(cancelled)
 
     def _stream(self, messages: list[dict], sampling: Sampling) -> Iterator[Chunk]:
         raise NotImplementedError
