@@ -102,6 +102,6 @@ class TorchExperts(ConvertedExperts):
         for e, r0, r1 in a.groups():  # in row order, so the parts concatenate to (A, D)
             gate_up, down = experts[e]
             h = gate_up(x[r0:r1])  # (n, 2F)
-            act = F.silu(h[:, :ff], inplace=True).mul_(h[:, ff:])  # (n, F), in h's memory: no allocations
-            parts.append(down(act))
+            act = F.silu(h[:, :ff], inplace=True).mul_(h[:, ff:])  # (n, F) in h's memory
+            parts.append(down(act.contiguous()))  # the kernel wants contiguous rows: a copy only if n > 1
         return torch.cat(parts).float()
