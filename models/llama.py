@@ -25,6 +25,7 @@ from .base import (
     rope_cos_sin,
     rope_inv_freq,
 )
+from .moe import MoEFFN, Routing
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,10 @@ class Block:
         self.attn_q, self.attn_k, self.attn_v = w("attn_q"), w("attn_k"), w("attn_v")
         self.attn_output = w("attn_output")
         self.ffn_norm = w("ffn_norm")
-        if cfg.n_expert:
-            raise UnsupportedModelError("llama models with routed experts (Mixtral) are not supported yet")
-        self.ffn_gate, self.ffn_up, self.ffn_down = w("ffn_gate"), w("ffn_up"), w("ffn_down")
+        # Mixtral: llama.cpp renormalizes the top-k softmax weights of llama-arch experts
+        self.moe = MoEFFN(f, i, Routing.from_gguf(f, norm=True, gating="softmax")) if cfg.n_expert else None
+        if self.moe is None:
+            self.ffn_gate, self.ffn_up, self.ffn_down = w("ffn_gate"), w("ffn_up"), w("ffn_down")
 
     def attention(self, x: torch.Tensor, batch: Batch, layer: int, cos, sin) -> torch.Tensor:
         c = self.cfg
@@ -100,6 +102,8 @@ class Block:
         return F.linear(out.flatten(1), self.attn_output)  # (T, n_embd)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        if self.moe is not None:
+            return self.moe(x)
         return F.linear(F.silu(F.linear(x, self.ffn_gate)) * F.linear(x, self.ffn_up), self.ffn_down)
 
     def __call__(self, x: torch.Tensor, batch: Batch, layer: int, cos, sin) -> torch.Tensor:

@@ -1,0 +1,251 @@
+"""DeepSeek-V2/V3/R1 and Kimi-K2 (GGUF arch `deepseek2`): MLA attention, leading dense layers, then MoE
+layers with shared experts, as llama.cpp runs them.
+
+Attention always runs in the absorbed form: the cache keeps only each token's compressed latent and
+its rotated rope key, and the per-head key/value up-projections are folded into the query and output.
+Both GGUF layouts (one `attn_kv_b`, or split `attn_k_b`/`attn_v_b`) load into that form.
+
+Legend: T tokens in a step, n tokens of one sequence, N cached positions, H heads, D model width,
+C kv_lora rank (the latent), R rope dims, P nope dims (P + R = query/key head dim), Dv value head dim,
+V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dsrun.errors import UnsupportedModelError
+from dsrun.gguf_file import GGUFFile
+
+from .base import (
+    Batch,
+    KVCache,
+    apply_rope,
+    causal_mask,
+    load_weight,
+    maybe_weight,
+    rms_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+from .moe import MoEFFN, Routing, SwiGLU
+
+YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0  # llama.cpp's YaRN correction range (its defaults)
+
+
+@dataclass(frozen=True)
+class Config:
+    n_layer: int
+    n_embd: int
+    n_vocab: int
+    n_ctx_train: int
+    norm_eps: float
+    n_head: int
+    q_lora_rank: int  # 0: one attn_q projection; else attn_q_a -> norm -> attn_q_b
+    kv_lora_rank: int  # C: width of the cached latent
+    qk_nope_dim: int  # P
+    qk_rope_dim: int  # R
+    v_head_dim: int  # Dv
+    n_ff: int  # width of the leading dense layers' FFN
+    n_layer_dense_lead: int
+    n_ff_exp: int
+    n_expert: int
+    n_expert_shared: int
+    routing: Routing
+    rope_base: float
+    rope_freq_scale: float  # 1 / rope.scaling.factor under YaRN, else 1
+    yarn: bool
+    yarn_orig_ctx: int  # context the frequencies were trained for (rope.scaling.original_context_length)
+    yarn_log_mul: float  # DeepSeek's mscale_all_dim: the GGUF stores 0.1 x this
+    rope_attn_factor: float  # rope.scaling.attn_factor, 1 in every released model
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> Config:
+        n_embd = f.require("embedding_length")
+        n_head = f.require("attention.head_count")
+        rope = f.require("rope.dimension_count")
+        if f.get("attention.key_length_mla") is not None:  # split attn_k_b / attn_v_b layout
+            qk_head, v_head = f.require("attention.key_length_mla"), f.require("attention.value_length_mla")
+        else:
+            qk_head = f.get("attention.key_length", n_embd // n_head)
+            v_head = f.get("attention.value_length", qk_head)
+        scaling = f.get("rope.scaling.type", "none")
+        if scaling not in ("none", "yarn"):
+            raise UnsupportedModelError(f"deepseek2 models with rope scaling '{scaling}' are not supported")
+        yarn = scaling == "yarn"
+        n_ctx_train = f.get("context_length", 4096)
+        return cls(
+            n_layer=f.require("block_count"),
+            n_embd=n_embd,
+            n_vocab=f.get("vocab_size") or len(f.meta["tokenizer.ggml.tokens"]),
+            n_ctx_train=n_ctx_train,
+            norm_eps=f.require("attention.layer_norm_rms_epsilon"),
+            n_head=n_head,
+            q_lora_rank=f.get("attention.q_lora_rank", 0),
+            kv_lora_rank=f.require("attention.kv_lora_rank"),
+            qk_nope_dim=qk_head - rope,
+            qk_rope_dim=rope,
+            v_head_dim=v_head,
+            n_ff=f.get("feed_forward_length", 0),
+            n_layer_dense_lead=f.get("leading_dense_block_count", 0),
+            n_ff_exp=f.require("expert_feed_forward_length"),
+            n_expert=f.require("expert_count"),
+            n_expert_shared=f.get("expert_shared_count", 0),
+            routing=Routing.from_gguf(f),
+            rope_base=f.get("rope.freq_base", 10000.0),
+            rope_freq_scale=1.0 / f.require("rope.scaling.factor") if yarn else 1.0,
+            yarn=yarn,
+            yarn_orig_ctx=f.get("rope.scaling.original_context_length") or n_ctx_train,
+            yarn_log_mul=f.get("rope.scaling.yarn_log_multiplier", 0.0) / 0.1,
+            rope_attn_factor=f.get("rope.scaling.attn_factor", 1.0),
+        )
+
+
+def yarn_inv_freq(cfg: Config) -> torch.Tensor:
+    """Per-pair rotation speeds (R/2,): YaRN blends interpolated (slowed by freq_scale) and original
+    speeds with a ramp over the pair index, as ggml's rope_yarn does with ext_factor 1."""
+    dim, base = cfg.qk_rope_dim, cfg.rope_base
+    inv = rope_inv_freq(dim, base)  # (R/2,) float64
+    if not cfg.yarn:
+        return inv
+
+    def corr_dim(n_rot: float) -> float:  # pair index whose wavelength fits n_rot times in the old context
+        return dim * math.log(cfg.yarn_orig_ctx / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(0.0, math.floor(corr_dim(YARN_BETA_FAST)))
+    high = min(dim - 1.0, math.ceil(corr_dim(YARN_BETA_SLOW)))
+    pair = torch.arange(dim // 2, dtype=torch.float64)
+    keep = 1 - ((pair - low) / max(0.001, high - low)).clamp(0, 1)  # 1: fast pairs keep their speed
+    return inv * (cfg.rope_freq_scale * (1 - keep) + keep)
+
+
+def rope_magnitude_and_kq_scale(cfg: Config) -> tuple[float, float]:
+    """The factor on rotated q/k and the softmax scale, llama.cpp's way (context setup plus the deepseek2
+    graph): with a yarn_log_multiplier the rotation magnitude stays 1 and mscale^2 goes into the scale."""
+    ln_factor = -math.log(cfg.rope_freq_scale)  # 0 without YaRN
+    gain = 1 + 0.1 * ln_factor  # ggml's rope multiplies this in under YaRN
+    ctx_attn = cfg.rope_attn_factor  # the context's yarn_attn_factor
+    if cfg.yarn:  # llama.cpp pre-divides by the gain ggml will multiply back
+        ctx_attn *= (1.0 if cfg.yarn_log_mul or ln_factor <= 0 else gain) / gain
+    magnitude = ctx_attn * gain
+    mscale = magnitude * (1 + 0.1 * cfg.yarn_log_mul * ln_factor)
+    return magnitude, mscale * mscale / math.sqrt(cfg.qk_nope_dim + cfg.qk_rope_dim)
+
+
+def attend_latent(q: torch.Tensor, kv: torch.Tensor, n_latent: int, start: int, scale: float) -> torch.Tensor:
+    """Causal attention of every head over one shared key per position (MQA without copying the cache).
+
+    q (n, H, C + R); kv (N, C + R), whose first C columns are also the values; returns (n, H, C).
+    """
+    n, H, width = q.shape
+    mask = causal_mask(start, n, kv.shape[0], q.device).repeat_interleave(H, dim=0)  # (n*H, N)
+    out = F.scaled_dot_product_attention(
+        q.reshape(1, n * H, width), kv[None], kv[None, :, :n_latent], attn_mask=mask, scale=scale
+    )  # (1, n*H, C)
+    return out.view(n, H, n_latent)
+
+
+class Attention:
+    """Multi-head latent attention; attributes carry the GGUF tensor names of `blk.N.*.weight`."""
+
+    def __init__(self, cfg: Config, f: GGUFFile, i: int):
+        def w(name: str) -> torch.Tensor:
+            return load_weight(f, f"blk.{i}.{name}.weight")
+
+        self.cfg = cfg
+        H, C, P, Dv = cfg.n_head, cfg.kv_lora_rank, cfg.qk_nope_dim, cfg.v_head_dim
+        if cfg.q_lora_rank:
+            self.attn_q_a, self.attn_q_a_norm, self.attn_q_b = (
+                w("attn_q_a"),
+                w("attn_q_a_norm"),
+                w("attn_q_b"),
+            )
+        else:
+            self.attn_q = w("attn_q")  # (H*(P+R), D)
+        self.attn_kv_a_mqa = w("attn_kv_a_mqa")  # (C+R, D)
+        self.attn_kv_a_norm = w("attn_kv_a_norm")  # (C,)
+        kv_b = maybe_weight(f, f"blk.{i}.attn_kv_b.weight")  # (H*(P+Dv), C) in the older layout
+        if kv_b is not None:
+            kv_b = kv_b.view(H, P + Dv, C)  # (H, P+Dv, C)
+            self.attn_k_b = kv_b[:, :P].transpose(1, 2).contiguous()  # (H, C, P)
+            self.attn_v_b = kv_b[:, P:].contiguous()  # (H, Dv, C)
+        else:
+            self.attn_k_b = w("attn_k_b").view(H, C, P)  # (H, C, P)
+            self.attn_v_b = w("attn_v_b").view(H, Dv, C)  # (H, Dv, C)
+        self.attn_output = w("attn_output")  # (D, H*Dv)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        if c.q_lora_rank:
+            q = F.linear(rms_norm(F.linear(x, self.attn_q_a), self.attn_q_a_norm, c.norm_eps), self.attn_q_b)
+        else:
+            q = F.linear(x, self.attn_q)
+        return q.unflatten(-1, (c.n_head, c.qk_nope_dim + c.qk_rope_dim))  # (T, H, P+R)
+
+    def __call__(
+        self, x: torch.Tensor, batch: Batch, layer: int, rope: tuple, kq_scale: float
+    ) -> torch.Tensor:
+        c = self.cfg
+        cos, sin = rope
+        q_nope, q_pe = self.query(x).split([c.qk_nope_dim, c.qk_rope_dim], dim=-1)  # (T, H, P), (T, H, R)
+        latent, k_pe = F.linear(x, self.attn_kv_a_mqa).split([c.kv_lora_rank, c.qk_rope_dim], dim=-1)
+        latent = rms_norm(latent, self.attn_kv_a_norm, c.norm_eps)  # (T, C)
+        k_pe = apply_rope(k_pe[:, None, :], cos, sin, neox=False)[:, 0]  # (T, R)
+        q_latent = torch.einsum("thp,hcp->thc", q_nope, self.attn_k_b)  # (T, H, C): k_b folded into q
+        q = torch.cat([q_latent, apply_rope(q_pe, cos, sin, neox=False)], dim=-1)  # (T, H, C+R)
+        kv_new = torch.cat([latent, k_pe], dim=-1)  # (T, C+R): all this layer caches per token
+        out = torch.empty(x.shape[0], c.n_head, c.kv_lora_rank, device=x.device)  # (T, H, C)
+        for s in batch.seqs:
+            (kv,) = s.cache.append(layer, kv_new[s.rows])  # (N, C+R)
+            out[s.rows] = attend_latent(q[s.rows], kv, c.kv_lora_rank, s.cache.n, kq_scale)
+        heads = torch.einsum("thc,hvc->thv", out, self.attn_v_b)  # (T, H, Dv): v_b folded into the output
+        return F.linear(heads.flatten(1), self.attn_output)  # (T, D)
+
+
+class Block:
+    def __init__(self, cfg: Config, f: GGUFFile, i: int):
+        self.cfg = cfg
+        self.attn_norm = load_weight(f, f"blk.{i}.attn_norm.weight")
+        self.attn = Attention(cfg, f, i)
+        self.ffn_norm = load_weight(f, f"blk.{i}.ffn_norm.weight")
+        self.ffn = SwiGLU(f, f"blk.{i}.") if i < cfg.n_layer_dense_lead else MoEFFN(f, i, cfg.routing)
+
+    def __call__(
+        self, x: torch.Tensor, batch: Batch, layer: int, rope: tuple, kq_scale: float
+    ) -> torch.Tensor:
+        eps = self.cfg.norm_eps
+        x = x + self.attn(rms_norm(x, self.attn_norm, eps), batch, layer, rope, kq_scale)
+        return x + self.ffn(rms_norm(x, self.ffn_norm, eps))
+
+
+class Model:
+    def __init__(self, cfg: Config, f: GGUFFile):
+        self.cfg = cfg
+        self.token_embd = load_weight(f, "token_embd.weight")  # (V, D)
+        self.blocks = [Block(cfg, f, i) for i in range(cfg.n_layer)]
+        self.output_norm = load_weight(f, "output_norm.weight")
+        output = maybe_weight(f, "output.weight")
+        self.output = self.token_embd if output is None else output  # (V, D)
+        self.inv_freq = yarn_inv_freq(cfg)
+        self.rope_magnitude, self.kq_scale = rope_magnitude_and_kq_scale(cfg)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layer)
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Logits (rows of out_rows, V) for the batch; every sequence's cache grows by its tokens."""
+        rope = rope_cos_sin(batch.positions(), self.inv_freq, mscale=self.rope_magnitude)
+        x = self.token_embd[batch.tokens]  # (T, D)
+        for i, block in enumerate(self.blocks):
+            x = block(x, batch, i, rope, self.kq_scale)
+        for s in batch.seqs:
+            s.cache.commit(s.n)
+        if batch.out_rows is not None:
+            x = x[batch.out_rows]
+        x = x.to(self.output.device)  # the last block may sit on another GPU than the head
+        return F.linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output)  # (rows, V)
