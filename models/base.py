@@ -116,7 +116,7 @@ def rope_cos_sin(
     positions: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0, mscale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin per row and frequency; `scale` is the linear position scale, `mscale` YaRN's magnitude."""
-    ang = (positions.to(torch.float64) * scale)[:, None] * inv_freq[None, :]  # (T, D/2)
+    ang = (positions.to(inv_freq.device, torch.float64) * scale)[:, None] * inv_freq[None, :]  # (T, D/2)
     return (torch.cos(ang) * mscale).float(), (torch.sin(ang) * mscale).float()
 
 
@@ -131,10 +131,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool
     return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)  # (T, H, D)
 
 
-def causal_mask(start: int, n: int, total: int) -> torch.Tensor:
+def causal_mask(start: int, n: int, total: int, device: torch.device | None = None) -> torch.Tensor:
     """(n, N) boolean: the row at position start + i sees cached positions 0 .. start + i."""
-    q_pos = torch.arange(start, start + n)[:, None]
-    return torch.arange(total)[None, :] <= q_pos
+    q_pos = torch.arange(start, start + n, device=device)[:, None]
+    return torch.arange(total, device=device)[None, :] <= q_pos
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
@@ -147,7 +147,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale:
     if G != H:  # grouped-query: query head h reads KV head h // (H / G)
         k = k.repeat_interleave(H // G, dim=1)  # (N, H, Dk)
         v = v.repeat_interleave(H // G, dim=1)  # (N, H, Dv)
-    mask = causal_mask(start, n, k.shape[0])
+    mask = causal_mask(start, n, k.shape[0], q.device)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
     )  # (H, n, Dv)
@@ -156,3 +156,64 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale:
 
 def default_attn_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+# --- devices: the layers of a model split over GPUs ---------------------------------------------------
+
+
+class OnDevice:
+    """A block pinned to a device: its tensor inputs move there first, so layers can sit on different GPUs
+    (activations pass from one to the next) with no change to the architecture's code."""
+
+    def __init__(self, block, device: torch.device):
+        self.block, self.device = block, device
+
+    def __call__(self, *args):
+        return self.block(*(_to_device(a, self.device) for a in args))
+
+
+def _to_device(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    return value
+
+
+def move_tensors(obj, device: torch.device, memo: dict) -> None:
+    """Move every tensor attribute of a model object (and of its parts and lists) to `device` in place.
+
+    Only objects defined in dsrun.models are walked: placed experts belong to the offload layer. `memo`
+    keeps one moved copy per (tensor, device), so a tensor shared by two attributes (tied embeddings)
+    stays shared.
+    """
+    if isinstance(obj, list):
+        for i, value in enumerate(obj):
+            obj[i] = _moved(value, device, memo)
+    else:
+        for name, value in list(vars(obj).items()):
+            setattr(obj, name, _moved(value, device, memo))
+
+
+def _moved(value, device: torch.device, memo: dict):
+    if isinstance(value, torch.Tensor):
+        key = (id(value), device)
+        if key not in memo:
+            memo[key] = (value, value.to(device))  # the original is kept so its id is not reused
+        return memo[key][1]
+    if isinstance(value, list) or type(value).__module__.startswith("dsrun.models"):
+        move_tensors(value, device, memo)
+    return value
+
+
+def place_model(model, layer_devices: list[str]) -> None:
+    """Blocks to their planned devices, embeddings with the first block, the output head with the last."""
+    memo: dict = {}
+    first, last = torch.device(layer_devices[0]), torch.device(layer_devices[-1])
+    for name, value in list(vars(model).items()):
+        if isinstance(value, torch.Tensor):
+            setattr(model, name, _moved(value, first if name == "token_embd" else last, memo))
+    for i, block in enumerate(model.blocks):
+        device = torch.device(layer_devices[i])
+        move_tensors(block, device, memo)
+        model.blocks[i] = OnDevice(block, device)

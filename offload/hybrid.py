@@ -54,7 +54,7 @@ def moe_layers(model) -> dict[int, MoEFFN]:
     """Each block's MoE feed-forward, found by type so every architecture is covered."""
     found = {}
     for i, block in enumerate(model.blocks):
-        for value in vars(block).values():
+        for value in vars(getattr(block, "block", block)).values():  # inside an OnDevice wrapper
             if isinstance(value, MoEFFN):
                 found[i] = value
     return found
@@ -71,10 +71,10 @@ def attach_offload(
     plan: Plan,
     *,
     backend: CPUExperts | None = None,
-    slot_device: dict[str, str] | None = None,
+    device_map: dict[str, str] | None = None,
     background: bool = True,
 ) -> Offload | None:
-    """Replace every MoE layer's experts by placed ones. `slot_device` maps a planned GPU ("cuda:0") to
+    """Replace every MoE layer's experts by placed ones. `device_map` maps a planned GPU ("cuda:0") to
     the device that holds its slots (tests map it to "cpu"). Returns None for a dense model."""
     layers = moe_layers(model)
     if not layers:
@@ -89,9 +89,7 @@ def attach_offload(
         gpu = plan.layer_devices[layer]
         if gpu.startswith("cuda"):
             if gpu not in pools:
-                pools[gpu] = make_pool(
-                    plan, gpu, source, len(model.blocks), (slot_device or {}).get(gpu, gpu)
-                )
+                pools[gpu] = make_pool(plan, gpu, source, len(model.blocks), (device_map or {}).get(gpu, gpu))
             slots[layer] = pools[gpu]
     offload = Offload(homes, slots, background=background)
     for layer, ffn in layers.items():

@@ -31,7 +31,7 @@ PROJECTIONS = ("gate", "up", "down")
 
 
 class ExpertFile:
-    """One MoE layer's routed-expert tensors as stored in the GGUF: per-expert bytes, dequantized on demand."""
+    """One MoE layer's routed-expert tensors in the GGUF: per-expert bytes, dequantized on demand."""
 
     def __init__(self, f: GGUFFile, layer: int):
         self.layer = layer
@@ -147,18 +147,16 @@ class Offload:
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """The layer's routed-expert output (T, D) for the router's assignments, split by tier."""
+        ids, w, x_cpu = expert_ids.cpu(), weights.cpu(), x.cpu()  # the one device-to-host sync of the layer
         slots = self.slots.get(layer)
         with self.lock:
-            resident = (
-                slots.resident[layer].copy()
-                if slots is not None
-                else np.zeros(self.homes[layer].source.n_expert, bool)
-            )
-            on_device = torch.from_numpy(resident)[expert_ids.cpu()]  # (T, K)
-            device_out = slots.run(layer, x, expert_ids, weights, on_device) if on_device.any() else None
-        self._count(layer, expert_ids, resident, on_device)
-        x_cpu = x.cpu()
-        out = self.homes[layer].run(x_cpu, expert_ids, weights, ~on_device)  # (T, D), overlaps the device
+            n_expert = self.homes[layer].source.n_expert
+            resident = slots.resident[layer].copy() if slots is not None else np.zeros(n_expert, bool)
+            on_device = torch.from_numpy(resident)[ids]  # (T, K)
+            # launched before the CPU part so the device computes while the CPU does
+            device_out = slots.run(layer, x, ids, weights, on_device) if on_device.any() else None
+        self._count(layer, ids, resident, on_device)
+        out = self.homes[layer].run(x_cpu, ids, w, ~on_device)  # (T, D)
         if device_out is not None:
             out = out + device_out.to(out.device, out.dtype)
         self.prefetch_next(layer, x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -109,7 +110,7 @@ class Engine:
         cpu_backend: str | None = None,
         offload_options: dict | None = None,
     ):
-        """`offload_options` go to attach_offload (tests stand a CPU in for a GPU with slot_device)."""
+        """`offload_options` go to attach_offload (tests stand a CPU in for a GPU with device_map)."""
         from dsrun.offload.hybrid import attach_offload
         from dsrun.plan import plan_model
 
@@ -126,11 +127,28 @@ class Engine:
         if cpu_backend is not None or "backend" not in options:
             options["backend"] = cpu_expert_backend(self.file, cpu_backend, threads)
         self.offload = attach_offload(self.model, self.file, self.plan, **options)
-        self.tokenizer = Tokenizer(path, self.file)
+        self._place_dense(options.get("device_map") or {})
         self.ctx = ctx
         self.lock = threading.Lock()  # one generation at a time through this object
         self.load_seconds = time.perf_counter() - t0
         self.timings = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer:
+        """Loaded on first use: benchmarks that feed token ids never need it."""
+        return Tokenizer(self.path, self.file)
+
+    def _place_dense(self, device_map: dict[str, str]) -> None:
+        """Non-expert weights to the GPUs the plan gives their layers; logits come back to the CPU."""
+        from dsrun.models.base import place_model
+
+        devices = [device_map.get(d, d) for d in self.plan.layer_devices]
+        if not any(d.startswith("cuda") for d in devices):
+            return
+        place_model(self.model, devices)
+        on_device = self.model.forward
+        # sampling, numpy and the server read logits on the CPU: one copy per step, of the rows asked for
+        self.model.forward = lambda batch: on_device(batch).cpu()
 
     @property
     def name(self) -> str:
@@ -211,13 +229,15 @@ class Engine:
                 logits = self.model.forward(Batch.single(g.prompt[i : i + PREFILL_CHUNK], g.cache))[-1]
             self._account("prefill", len(g.prompt), t0)
             t0 = time.perf_counter()
-            while True:
-                chunk = g.accept(g.sampler(logits, g.history))
-                yield chunk
-                if g.done:
-                    break
-                logits = self.model.forward(Batch.single(chunk.tokens, g.cache))[-1]
-            self._account("decode", len(g.completion), t0)
+            try:
+                while True:
+                    chunk = g.accept(g.sampler(logits, g.history))
+                    yield chunk
+                    if g.done:
+                        break
+                    logits = self.model.forward(Batch.single(chunk.tokens, g.cache))[-1]
+            finally:  # a consumer that stops early closes the generator: its tokens still count
+                self._account("decode", len(g.completion), t0)
 
     def _account(self, phase: str, n: int, t0: float) -> None:
         self.timings[f"{phase}_tokens"] += n

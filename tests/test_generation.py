@@ -94,3 +94,12 @@ def test_min_p_and_top_p_cut_the_tail():
 def test_bad_sampling_settings_are_refused(kwargs):
     with pytest.raises(InvalidRequestError):
         SamplingParams(**kwargs)
+
+
+def test_a_stopped_generation_still_counts_its_decode_time(engine):
+    before = engine.timings["decode_tokens"]
+    stream = engine.chat([{"role": "user", "content": "Tell me a long story about a dragon."}], max_tokens=50)
+    chunks = [c for _, c in zip(range(5), stream)]
+    stream.close()
+    assert all(c.finish_reason is None for c in chunks)
+    assert engine.timings["decode_tokens"] == before + 5

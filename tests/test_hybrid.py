@@ -13,7 +13,7 @@ import pytest
 import dsrun
 from dsrun.errors import MemoryBudgetError
 
-FAKE_GPU = {"slot_device": {"cuda:0": "cpu"}}
+FAKE_GPU = {"device_map": {"cuda:0": "cpu"}}
 
 
 @pytest.fixture(scope="module")
