@@ -136,4 +136,5 @@ class Model:
             s.cache.commit(s.n)
         if batch.out_rows is not None:
             x = x[batch.out_rows]
+        x = x.to(self.output.device)  # the last block may sit on another GPU than the head
         return F.linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output)  # (rows, V)
