@@ -101,12 +101,11 @@ def parse_request(kind: str, body: bytes | dict, engine, model_names: tuple[str,
     if options is not None and not stream:
         raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
     prompt = chat_prompt(body, engine) if kind == "chat" else completion_prompt(body, engine)
+    room = max(engine.ctx - len(prompt), 1)  # a prompt that does not fit fails at submit, with its own error
     request = Request(
         prompt=prompt,
         params=_sampling_params(body),
-        max_tokens=_max_tokens(
-            body, kind, max(engine.ctx - len(prompt), 1)
-        ),  # too long a prompt fails at submit
+        max_tokens=_max_tokens(body, kind, room),
         stop=_stop(body),
         top_logprobs=_top_logprobs(body, kind),
     )

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsrun.models.base import Batch, Seq
+
 from .errors import DsrunError
 from .generation import Chunk, Generation
 from .sampling import SamplingParams
@@ -320,9 +322,8 @@ class Scheduler:
         return Sequence(w.stream, gen, w.top_logprobs, gen.prompt[reused:], w.t_submit)
 
     def _plan(self):
-        """This step's Batch and the sequences that get a logits row (those whose pending tokens run out)."""
-        from dsrun.models.base import Batch, Seq
-
+        """This step's Batch, the sequences that get a logits row (their pending tokens run out), and how
+        many prompt tokens it prefills."""
         tokens, seqs, rows, sampled = [], [], [], []
         budget = self.prefill_budget
         for s in self.running:
@@ -338,7 +339,7 @@ class Scheduler:
                 rows.append(len(tokens) - 1)
                 sampled.append(s)
         batch = Batch(torch.tensor(tokens, dtype=torch.long), seqs, torch.tensor(rows, dtype=torch.long))
-        return batch, sampled, len(tokens) - len(rows)
+        return batch, sampled, self.prefill_budget - budget
 
     def _step(self) -> None:
         batch, sampled, prefilled = self._plan()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -13,18 +14,8 @@ import pytest
 
 from dsrun.batch import LINE_ERROR_ID, parse_line, plan, read_done
 
-TOPICS = [
-    "a fruit",
-    "a planet",
-    "a river",
-    "a tree",
-    "a bird",
-    "a metal",
-    "a colour",
-    "a city",
-    "a dance",
-    "a tool",
-]
+THREADS = os.environ.get("DSRUN_TEST_THREADS", "2")  # as conftest sets for the test process itself
+TOPICS = ["a " + w for w in "fruit planet river tree bird metal colour city dance tool".split()]
 BAD_LINES = [
     "{this is not json",
     json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}),  # no custom_id
@@ -63,7 +54,8 @@ def job(tmp_path_factory):
 
 
 def start(job, out, *extra) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "dsrun.cli", "batch", str(job), "-o", str(out), "--max-running", "4", *extra]
+    cmd = [sys.executable, "-m", "dsrun.cli", "batch", str(job), "-o", str(out), "--max-running", "4"]
+    cmd += ["--threads", THREADS, *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

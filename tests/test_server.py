@@ -7,6 +7,7 @@ One server (TCP on port 0 plus a Unix socket, audit log on) serves most tests; a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import openai
 import pytest
 
 MODEL_CTX = 512  # small enough that context_length_exceeded is cheap to provoke
+THREADS = os.environ.get("DSRUN_TEST_THREADS", "2")  # as conftest sets for the test process itself
 
 
 class Server:
@@ -28,9 +30,10 @@ class Server:
         self.socket = str(tmp_path / "dsrun.sock")
         self.audit = tmp_path / "audit.jsonl"
         self.log = tmp_path / "server.log"
-        args = ["serve", "--port", "0", "--socket", self.socket, "--ctx", str(MODEL_CTX), *extra]
+        args = ["serve", "--port", "0", "--socket", self.socket, "--ctx", str(MODEL_CTX)]
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "dsrun.cli", *args], stderr=log, stdout=log)
+            cmd = [sys.executable, "-m", "dsrun.cli", *args, "--threads", THREADS, *extra]
+            self.proc = subprocess.Popen(cmd, stderr=log, stdout=log)
         self.port = int(self.wait_for_log(r"listening on http://127\.0\.0\.1:(\d+)").group(1))
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -238,23 +241,28 @@ def test_sixteen_concurrent_streams_match_the_single_stream_answers(server):
         assert text == alone[q], q
 
 
-def test_clients_leaving_mid_stream_free_their_sequences(server):
-    body = {"messages": chat("Count from one to two hundred."), "max_tokens": 300, "stream": True}
-    before = httpx.get(f"{server.url}/stats").json()["scheduler"]["cancelled"]
-    with httpx.Client(timeout=60) as http:
-        streams = [http.stream("POST", f"{server.url}/v1/chat/completions", json=body) for _ in range(10)]
-        for s in streams:
-            lines = s.__enter__().iter_lines()
-            assert next(line for line in lines if line).startswith("data: ")
-        for s in streams:
-            s.__exit__(None, None, None)
-    deadline = time.monotonic() + 30
+def scheduler_when_idle(server, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
     while (st := httpx.get(f"{server.url}/stats").json()["scheduler"])[
         "running"
     ] and time.monotonic() < deadline:
         time.sleep(0.2)
+    return st
+
+
+def test_clients_leaving_mid_reply_free_their_sequences(server):
+    body = {"messages": chat("Count from one to two hundred."), "max_tokens": 300}
+    url = f"{server.url}/v1/chat/completions"
+    before = httpx.get(f"{server.url}/stats").json()["scheduler"]["cancelled"]
+    with httpx.Client(timeout=60) as http, contextlib.ExitStack() as streams:
+        for _ in range(10):
+            lines = streams.enter_context(http.stream("POST", url, json=body | {"stream": True})).iter_lines()
+            assert next(line for line in lines if line).startswith("data: ")
+    with pytest.raises(httpx.ReadTimeout):  # a whole-reply client that gives up
+        httpx.post(url, json=body, timeout=1.0)
+    st = scheduler_when_idle(server)
     assert st["running"] == 0 and st["queue_length"] == 0
-    assert st["cancelled"] - before == 10
+    assert st["cancelled"] - before == 11
     assert greedy_chat(server.client(), "Still there?", max_tokens=2)
 
 
