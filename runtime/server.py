@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from .cli import add_model_arguments, load_kwargs
@@ -212,11 +213,12 @@ def create_app(state: ServerState):
             info["prompt"] = state.engine.detokenize(api.request.prompt)
         stream = open_stream(state.scheduler, api)
         reply = info["reply"] = Reply(api, state.engine.tokenizer)
-        if api.stream:
+        if api.stream:  # the background cancel covers a client gone before the first event
             return StreamingResponse(
                 sse_events(reply, stream),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
+                background=BackgroundTask(stream.cancel),
             )
         body = await unless_disconnected(request, whole_reply(reply, stream))
         return JSONResponse(body) if body is not None else JSONResponse({}, status_code=499)
@@ -229,8 +231,11 @@ def create_app(state: ServerState):
     async def stats():
         if not state.ready:
             return JSONResponse({"status": "loading", "error": state.load_error}, status_code=503)
-        sched = state.scheduler.stats()  # the engine's own rates count only requests outside the scheduler
-        live = {"tokens_per_s": sched["tokens_per_s"], "ttft_s": sched["ttft_s"]}
+        sched = state.scheduler.stats()
+        # the engine's own rates count only work done outside the scheduler
+        live = {"tokens_per_s": sched["tokens_per_s"]}
+        if sched["ttft_s"] is not None:
+            live["ttft_s"] = sched["ttft_s"]
         return state.engine.stats() | live | {"scheduler": sched, "server": server_stats(state)}
 
     return Observe(app, state)
