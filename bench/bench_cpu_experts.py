@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import tempfile
@@ -67,23 +68,28 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=1, help="tokens per call (1 = decode)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--decode-tokens", type=int, default=32, help="llama.cpp tokens decoded (0 = skip it)")
+    p.add_argument("--llama-repeats", type=int, default=3, help="llama.cpp decode runs (best counts)")
+    p.add_argument(
+        "--compare-model",
+        help="the same shapes with fewer MoE layers: llama.cpp's time per MoE layer is the difference "
+        "(default with a generated model: a generated 2-layer one)",
+    )
     p.add_argument("--json", action="store_true")
     return p.parse_args()
 
 
-def bench_model(args) -> Path:
-    if args.model:
-        return Path(args.model)
-    name = "deepseek-v2-lite-experts" if args.experts_only else f"deepseek-v2-lite-q4_k-{args.layers}l"
+def generated_model(layers: int | None) -> Path:
+    """A V2-Lite-shaped Q4_K model of `layers` layers (None: one layer's experts only), made once."""
+    name = f"deepseek-v2-lite-q4_k-{layers}l" if layers else "deepseek-v2-lite-experts"
     path = shards.cache_root() / "bench" / f"{name}.gguf"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         print(f"generating {path} (once; minutes) ...")
         tmp = path.with_suffix(".tmp")
-        if args.experts_only:
-            write_synthetic_experts(tmp, V2_LITE, layers=(1,))
+        if layers:
+            synthesize(tmp, preset="deepseek-v2-lite", weight_type="Q4_K", n_layer=layers)
         else:
-            synthesize(tmp, preset="deepseek-v2-lite", weight_type="Q4_K", n_layer=args.layers)
+            write_synthetic_experts(tmp, V2_LITE, layers=(1,))
         tmp.rename(path)
     return path
 
@@ -153,26 +159,55 @@ def measure_backend(name: str, tensors, layer: int, shape: LayerShape, reference
     }
 
 
-def measure_llama_cpp(model: Path, f: GGUFFile, shape: LayerShape, args) -> dict:
-    ns = argparse.Namespace(
-        model=str(model), ctx=256, threads=args.threads, gpus=None, gpu_mem=None, ram=None
-    )
+def llama_cpp_seconds_per_token(models: list[Path], args) -> list[float]:
+    """llama.cpp's decode time per token on each model, best of --llama-repeats rounds; the models take
+    turns within a round so that load from other processes falls on both alike."""
     prompt, decode = list(range(100, 116)), list(range(200, 200 + args.decode_tokens))
-    r = spawn(ns, "llama.cpp", prompt, decode)
-    per_token = 0
+    best = [math.inf] * len(models)
+    for _ in range(args.llama_repeats):
+        for i, model in enumerate(models):
+            ns = argparse.Namespace(
+                model=str(model), ctx=256, threads=args.threads, gpus=None, gpu_mem=None, ram=None
+            )
+            best[i] = min(best[i], spawn(ns, "llama.cpp", prompt, decode)["decode_s"] / len(decode))
+    return best
+
+
+def bytes_per_token(f: GGUFFile, shape: LayerShape, prefix: str = "", routed_only: bool = False) -> int:
+    """Weight bytes a decode step reads from tensors named `prefix`...: K/E of each routed expert stack,
+    all of every other matrix but the embedding table (one row a token)."""
+    total = 0
     for name, t in f.tensors.items():
-        if name == "token_embd.weight":
-            continue  # one row per token, not the matrix
-        per_token += t.nbytes * shape.top_k // shape.n_expert if "_exps." in name else t.nbytes
-    tok_s = len(decode) / r["decode_s"]
-    return {"decode_tok_s": tok_s, "bytes_per_token": per_token, "bytes_per_s": per_token * tok_s}
+        routed = "_exps." in name
+        if name.startswith(prefix) and name != "token_embd.weight" and (routed or not routed_only):
+            total += t.nbytes * shape.top_k // shape.n_expert if routed else t.nbytes
+    return total
+
+
+def moe_layers(f: GGUFFile) -> int:
+    return sum(name.endswith("ffn_gate_exps.weight") for name in f.tensors)
+
+
+def measure_llama_cpp(model: Path, f: GGUFFile, layer: int, shape: LayerShape, args) -> dict:
+    compare = Path(args.compare_model) if args.compare_model else (None if args.model else generated_model(2))
+    s, *s_compare = llama_cpp_seconds_per_token([model] + ([compare] if compare else []), args)
+    out = {"decode_tok_s": 1 / s, "bytes_per_token": bytes_per_token(f, shape)}
+    out["bytes_per_s"] = out["bytes_per_token"] / s
+    if compare is not None:
+        fewer = moe_layers(f) - moe_layers(GGUFFile(compare))
+        out["moe_layer_s"] = (s - s_compare[0]) / fewer
+        layer_bytes = bytes_per_token(f, shape, f"blk.{layer}.")
+        # the routed experts' share of the layer's time, if llama.cpp reads every byte equally fast
+        out["routed_share"] = bytes_per_token(f, shape, f"blk.{layer}.", routed_only=True) / layer_bytes
+        out["moe_layer_bytes"] = layer_bytes
+    return out
 
 
 def main() -> None:
     args = parse_args()
     args.threads = args.threads or default_threads()
     torch.set_num_threads(args.threads)
-    model = bench_model(args)
+    model = Path(args.model) if args.model else generated_model(None if args.experts_only else args.layers)
     f = GGUFFile(model)
     layer = first_moe_layer(f)
     tensors = [f.tensor(f"blk.{layer}.ffn_{p}_exps.weight") for p in ("gate", "up", "down")]
@@ -204,7 +239,7 @@ def main() -> None:
         "backends": results,
     }
     if args.decode_tokens and "token_embd.weight" in f.tensors:
-        report["llama_cpp"] = measure_llama_cpp(model, f, shape, args)
+        report["llama_cpp"] = measure_llama_cpp(model, f, layer, shape, args)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -246,6 +281,20 @@ def print_report(r: dict) -> None:
             f"{lc['bytes_per_token'] / 1e6:.0f} MB of weights a token: {lc['bytes_per_s'] / 1e9:.1f} GB/s, "
             f"{lc['bytes_per_s'] / bw:.0%} of the bandwidth"
         )
+    if r.get("llama_cpp", {}).get("moe_layer_s", 0) <= 0 and "moe_layer_s" in r.get("llama_cpp", {}):
+        console.print("llama.cpp per MoE layer: the deeper model was not slower; too noisy to tell")
+    elif "moe_layer_s" in r.get("llama_cpp", {}):
+        routed = lc["moe_layer_s"] * lc["routed_share"]
+        layer_mb, layer_ms = lc["moe_layer_bytes"] / 1e6, lc["moe_layer_s"] * 1e3
+        console.print(
+            f"llama.cpp per MoE layer: {layer_ms:.2f} ms for {layer_mb:.0f} MB "
+            f"({layer_mb / layer_ms:.1f} GB/s); its routed experts, {lc['routed_share']:.0%} of those bytes: "
+            f"~{routed * 1e3:.2f} ms"
+        )
+        for name, b in r["backends"].items():
+            console.print(
+                f"  {name}: routed experts {b['best_s'] * 1e3:.2f} ms, {routed / b['best_s']:.2f}x llama.cpp"
+            )
 
 
 if __name__ == "__main__":
