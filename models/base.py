@@ -192,7 +192,9 @@ def move_tensors(obj, device: torch.device, memo: dict) -> None:
             obj[i] = _moved(value, device, memo)
     else:
         for name, value in list(vars(obj).items()):
-            setattr(obj, name, _moved(value, device, memo))
+            moved = _moved(value, device, memo)
+            if moved is not value:  # configs are frozen and hold no tensors: leave them be
+                setattr(obj, name, moved)
 
 
 def _moved(value, device: torch.device, memo: dict):

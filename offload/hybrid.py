@@ -60,9 +60,11 @@ def moe_layers(model) -> dict[int, MoEFFN]:
     return found
 
 
-def slot_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU (half the bytes, tensor cores); F32 where a test stands a CPU in for a GPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def slot_dtype(device: torch.device, source: ExpertFile) -> torch.dtype:
+    """bf16 on a GPU for quantized experts (half the bytes of F32, tensor cores, and far more precise than
+    the quantization); F32 for float experts, which are parity references, and on a CPU stand-in."""
+    exact = all(i.qtype.name in ("F32", "F16", "BF16") for i in source.infos.values())
+    return torch.float32 if device.type != "cuda" or exact else torch.bfloat16
 
 
 def attach_offload(
@@ -110,7 +112,7 @@ def make_pool(plan: Plan, gpu: str, source: ExpertFile, n_layers: int, device: s
     """
     tier = plan.tier(gpu)
     dev = torch.device(device)
-    per_slot = 3 * source.n_ff * source.n_embd * torch.finfo(slot_dtype(dev)).bits // 8
+    per_slot = 3 * source.n_ff * source.n_embd * torch.finfo(slot_dtype(dev, source)).bits // 8
     free = tier.budget_bytes - tier.weight_bytes - tier.kv_bytes
     n_slots = max(
         1,
@@ -122,7 +124,14 @@ def make_pool(plan: Plan, gpu: str, source: ExpertFile, n_layers: int, device: s
     while True:
         try:
             return DeviceExpertSlots(
-                dev, n_slots, source.n_ff, source.n_embd, n_layers, source.n_expert, slot_dtype(dev), name=gpu
+                dev,
+                n_slots,
+                source.n_ff,
+                source.n_embd,
+                n_layers,
+                source.n_expert,
+                slot_dtype(dev, source),
+                name=gpu,
             )
         except torch.OutOfMemoryError:
             if n_slots == 1:

@@ -209,11 +209,20 @@ class Offload:
 
     def _move_loop(self) -> None:
         while True:
-            self.jobs.get()
+            job = self.jobs.get()
             try:
+                if job is None:  # close(): no more moves
+                    return
                 self.rebalance()
             finally:
                 self.jobs.task_done()
+
+    def close(self) -> None:
+        """Stop the mover once its current job is done; the engine then drops the file maps."""
+        if self.mover is not None and self.mover.is_alive():
+            self.jobs.put(None)
+            self.mover.join()
+        self.background = False
 
     def rebalance(self) -> None:
         for device_slots, layers in self._devices():

@@ -287,6 +287,8 @@ class Engine:
         }
 
     def close(self) -> None:
+        if self.offload is not None:
+            self.offload.close()
         self.file.close()
 
     def __enter__(self):

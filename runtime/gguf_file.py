@@ -118,8 +118,7 @@ class GGUFFile:
         return sum(p.stat().st_size for p in self.paths)
 
     def close(self) -> None:
-        for reader in self.readers:
-            mm = getattr(reader, "data", None)
-            if mm is not None and hasattr(mm, "_mmap"):
-                mm._mmap.close()
+        """Drop the maps. They are unmapped once the last view is gone: closing them by force would turn
+        a view still held elsewhere (a tensor, a background copy) into a segfault."""
         self.readers = []
+        self.tensors = {}

@@ -1,0 +1,236 @@
+"""Hybrid placement benchmark: (a) every routed expert on the CPU, (b) a static split like llama.cpp's
+`--n-cpu-moe N` (the last layers' experts on the GPU, as many whole layers as fit, never moving), and
+(c) dsrun's planner with the hot-expert cache, on skewed and on uniform routing.
+
+The models are generated (`dsrun synth`) with real DeepSeek layer shapes and Q8_0 experts. Skewed routing
+is synthesized on purpose: Zipf exponent 1.2 over experts and locality 0.8 (consecutive tokens share
+experts); uniform routing has skew 0. Decode feeds the model its own greedy tokens after a warm-up, so the
+cache sees the temporal locality a real generation has. Every configuration runs the same token ids.
+
+    python bench/bench_hybrid.py --preset deepseek-v2-lite --layers 8 --gpu-mem 6GiB --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import dsrun
+from dsrun.offload.placed import Counters
+from dsrun.offload.planner import Plan
+from dsrun.synth import synthesize
+
+CONFIGS = ("all-cpu", "static", "dsrun-cache")
+
+
+def make_models(args) -> dict[str, Path]:
+    out = {}
+    for routing, skew, locality in (("skewed", 1.2, 0.8), ("uniform", 0.0, 0.0)):
+        path = Path(args.dir) / f"{args.preset}-{args.layers}L-{args.type}-{routing}.gguf"
+        if not path.exists():  # written under another name first: an interrupted run leaves no bad file
+            t0 = time.perf_counter()
+            partial = path.with_suffix(".partial")
+            synthesize(
+                partial,
+                preset=args.preset,
+                n_layer=args.layers,
+                weight_type=args.type,
+                skew=skew,
+                locality=locality,
+                seed=1,
+            )
+            partial.rename(path)
+            print(
+                f"synthesized {path.name}: {path.stat().st_size / 2**30:.2f} GiB in "
+                f"{time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
+        out[routing] = path
+    return out
+
+
+def reshape_plan(plan: Plan, config: str, n_slots: int) -> None:
+    """Rewrite which experts start on the GPU: none, or whole trailing layers (static), or the plan's own."""
+    gpu = next(t.device for t in plan.tiers if t.tier == "gpu")
+    keys = sorted(plan.expert_devices)
+    if config == "all-cpu":
+        chosen = set()
+    elif config == "static":  # --n-cpu-moe N: the first N MoE layers on the CPU, the rest whole on the GPU
+        by_layer: dict[int, list] = {}
+        for key in keys:
+            by_layer.setdefault(key[0], []).append(key)
+        chosen, room = set(), n_slots
+        for layer in sorted(by_layer, reverse=True):
+            if len(by_layer[layer]) > room:
+                break
+            chosen.update(by_layer[layer])
+            room -= len(by_layer[layer])
+    else:
+        return
+    for key in keys:
+        plan.expert_devices[key] = gpu if key in chosen else "cpu"
+
+
+def load(path: Path, config: str, args):
+    eng = dsrun.load(
+        path,
+        ctx=args.ctx,
+        gpus=[0],
+        gpu_mem=args.gpu_mem,
+        ram=args.ram,
+        cpu_backend=args.cpu_backend,
+        offload_options=gpu_options(args),
+    )
+    if config == "dsrun-cache":
+        return eng
+    pool = next(iter(eng.offload.slots.values()))
+    for key in list(pool.slot_of):  # start over with the configuration's own placement
+        pool.drop(*key)
+    reshape_plan(eng.plan, config, pool.n_slots)
+    for (layer, e), device in eng.plan.expert_devices.items():
+        if device.startswith("cuda") and pool.free:
+            eng.offload.promote(pool, layer, e)
+    eng.offload.policy.max_moves = 0  # static placements never move
+    eng.offload.counters = Counters()  # count from the configuration's own start
+    return eng
+
+
+def gpu_options(args) -> dict:
+    """--cpu-as-gpu runs the GPU code paths with CPU tensors, to try the benchmark without CUDA."""
+    return {"device_map": {"cuda:0": "cpu"}} if args.cpu_as_gpu else {}
+
+
+def greedy_tokens(eng, prompt: list[int], n: int) -> tuple[list[int], float]:
+    """n greedy tokens after the prompt, and the decode seconds they took."""
+    from dsrun.models.base import Batch
+
+    cache = eng.model.new_cache()
+    logits = eng.model.forward(Batch.single(prompt, cache))
+    out = []
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tok = int(logits[-1].argmax())
+        out.append(tok)
+        logits = eng.model.forward(Batch.single([tok], cache))
+    sync()
+    return out, time.perf_counter() - t0
+
+
+def prefill_seconds(eng, tokens: list[int]) -> float:
+    from dsrun.models.base import Batch
+
+    sync()
+    t0 = time.perf_counter()
+    eng.model.forward(Batch.single(tokens, eng.model.new_cache()))
+    sync()
+    return time.perf_counter() - t0
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_config(path: Path, config: str, args, prompt: list[int], long_prompt: list[int]) -> dict:
+    eng = load(path, config, args)
+    warm, _ = greedy_tokens(eng, prompt, args.warmup)  # the cache learns from this generation
+    eng.offload.wait_idle()
+    tokens, decode_s = greedy_tokens(eng, prompt + warm, args.decode)
+    prefill_s = prefill_seconds(eng, long_prompt)
+    stats = eng.stats()["experts"]
+    result = {
+        "decode_tok_s": round(args.decode / decode_s, 2),
+        "prefill_tok_s": round(len(long_prompt) / prefill_s, 1),
+        "hit_rate": round(stats["hit_rate"] or 0.0, 3),
+        "gpu_experts": sum(row.count("0") for row in stats["placement"]),
+        "experts_total": stats["total"],
+        "promotions": stats["promotions"],
+        "backend": eng.offload.homes[eng.offload.layers[0]].backend.name,
+        "tokens": tokens,
+    }
+    eng.close()
+    return result
+
+
+def parity(path: Path, args, prompt: list[int]) -> dict:
+    """The GPU placement against dsrun's all-CPU F32 path, as CONTRACT.md compares two dsrun paths."""
+    cpu = dsrun.load(path, ctx=args.ctx, gpus=[], cpu_backend="dequant")
+    ref = cpu.logits(prompt)
+    cpu.close()
+    gpu = dsrun.load(
+        path,
+        ctx=args.ctx,
+        gpus=[0],
+        gpu_mem=args.gpu_mem,
+        ram=args.ram,
+        cpu_backend="dequant",
+        offload_options=gpu_options(args),
+    )
+    ours = gpu.logits(prompt)
+    gpu.close()
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    return {
+        "max_abs_dlogit": float(np.abs(ours - ref).max()),
+        "argmax_equal": bool((ours.argmax(-1) == ref.argmax(-1)).all()),
+        "min_margin_where_argmax_differs": float(margin[ours.argmax(-1) != ref.argmax(-1)].min())
+        if (ours.argmax(-1) != ref.argmax(-1)).any()
+        else None,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="deepseek-v2-lite")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--type", default="Q8_0")
+    p.add_argument("--dir", default="/tmp")
+    p.add_argument("--gpu-mem", default="6GiB")
+    p.add_argument("--ram", default=None)
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--cpu-backend", default=None)
+    p.add_argument("--warmup", type=int, default=32)
+    p.add_argument("--decode", type=int, default=48)
+    p.add_argument("--prefill", type=int, default=256)
+    p.add_argument("--parity", action="store_true", help="also compare GPU and CPU logits")
+    p.add_argument("--out", default=None)
+    p.add_argument("--cpu-as-gpu", action="store_true", help="no CUDA: put the GPU tier's tensors on the CPU")
+    args = p.parse_args()
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(100, 40000, 16).tolist()
+    long_prompt = rng.integers(100, 40000, args.prefill).tolist()
+    report = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "args": vars(args),
+        "results": {},
+    }
+    for routing, path in make_models(args).items():
+        for config in CONFIGS:
+            r = run_config(path, config, args, prompt, long_prompt)
+            report["results"][f"{routing}/{config}"] = r
+            print(
+                f"{routing:8s} {config:12s} decode {r['decode_tok_s']:7.2f} tok/s  prefill "
+                f"{r['prefill_tok_s']:8.1f} tok/s  hit {r['hit_rate']:.3f}  gpu experts {r['gpu_experts']}"
+                f"/{r['experts_total']}  promotions {r['promotions']}  ({r['backend']})",
+                flush=True,
+            )
+        if args.parity:
+            report[f"parity/{routing}"] = parity(path, args, prompt)
+            print(f"parity {routing}: {report[f'parity/{routing}']}", flush=True)
+    for routing in ("skewed", "uniform"):
+        res = report["results"]
+        ratio = res[f"{routing}/dsrun-cache"]["decode_tok_s"] / res[f"{routing}/static"]["decode_tok_s"]
+        report[f"decode_ratio_cache_vs_static/{routing}"] = round(ratio, 3)
+        print(f"{routing}: dsrun cache / static split decode = {ratio:.2f}x", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
