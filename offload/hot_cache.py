@@ -43,6 +43,7 @@ class HotExpertPolicy:
         self.decay = 0.5 ** (1.0 / half_life)
         self.margin = margin
         self.max_moves = max_moves  # promotions per decision: bounds the bytes moved per step
+        self.counts = np.zeros(self.scores.shape, dtype=np.int64)  # (L, E) undecayed: activation profiles
         self.hits = 0
         self.lookups = 0
 
@@ -50,6 +51,7 @@ class HotExpertPolicy:
         """Count one layer's routed ids (any shape) and whether each was already on a GPU."""
         ids = np.asarray(expert_ids).ravel()
         np.add.at(self.scores[layer], ids, 1.0)
+        np.add.at(self.counts[layer], ids, 1)
         self.lookups += ids.size
         self.hits += int(np.asarray(resident).ravel()[ids].sum())
 

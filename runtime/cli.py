@@ -18,6 +18,7 @@ COMMANDS = {
     "doctor": ("dsrun.doctor", "what this machine has and how fast a model would run"),
     "bench": ("dsrun.bench", "prefill/decode tokens/s and memory, against llama.cpp in the same run"),
     "synth": ("dsrun.synth", "write a generated (random-weight) GGUF model for tests and benchmarks"),
+    "profile": ("dsrun.record_profile", "record which experts a model routes to, for `--placement`"),
 }
 
 
@@ -34,6 +35,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", default="auto", help="'auto', 'none', a count, or ids like 0,1")
     p.add_argument("--gpu-mem", default=None, help="GPU memory budget per card, e.g. 24GiB or 24GiB,16GiB")
     p.add_argument("--ram", default=None, help="RAM budget for weights and experts, e.g. 64GiB")
+    p.add_argument(
+        "--placement",
+        metavar="PROFILE",
+        default=None,
+        help="activation profile from `dsrun profile`: its hottest experts get the fastest memory",
+    )
     p.add_argument(
         "--cpu-backend",
         default=None,
@@ -73,6 +80,8 @@ def load_kwargs(args) -> dict:
         "gpus": args.gpus,
         "gpu_mem": args.gpu_mem,
         "ram": args.ram,
+        "cpu_backend": args.cpu_backend,
+        "placement": args.placement,
     }
 
 

@@ -286,6 +286,17 @@ class Engine:
             "timings": dict(t),
         }
 
+    def activation_profile(self):
+        """Tokens routed to each expert since load, as a profile `dsrun.load(placement=...)` plans from."""
+        from dsrun.offload.profile import ActivationProfile
+
+        if self.offload is None:
+            raise InvalidRequestError(f"{self.name} has no routed experts: there is nothing to profile")
+        counts = self.offload.policy.counts
+        layers = set(self.offload.layers)
+        rows = tuple(tuple(counts[i].tolist()) if i in layers else () for i in range(len(self.model.blocks)))
+        return ActivationProfile(self.path.name, self.file.file_bytes, rows)
+
     def close(self) -> None:
         if self.offload is not None:
             self.offload.close()

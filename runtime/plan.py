@@ -37,12 +37,6 @@ GIB = 1 << 30
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument(
-        "--placement",
-        metavar="PROFILE",
-        default=None,
-        help="activation profile written by dsrun: its hottest experts get the fastest memory",
-    )
     for tier, typical in (("gpu", "1TB"), ("ram", "40GB"), ("disk", "3GB")):
         p.add_argument(
             f"--{tier}-bw",

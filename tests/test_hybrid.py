@@ -124,3 +124,32 @@ def test_out_of_memory_during_a_promotion_keeps_the_expert_on_the_cpu(moe_gguf, 
     )
     assert eng.offload.counters.promotions == 0 and eng.offload.counters.device_assignments == 0
     assert rel_diff(starved, reference) <= 1e-4
+
+
+def test_a_recorded_profile_puts_its_hottest_experts_on_the_gpu(moe_gguf, prompt, budgets, tmp_path):
+    from dsrun.offload.profile import read_profile, write_profile
+
+    eng = dsrun.load(moe_gguf, ctx=256, gpus=[])
+    eng.logits(prompt)
+    path = tmp_path / "profile.json"
+    write_profile(eng.activation_profile(), path)
+    profile = read_profile(path)
+    counts = [np.array(c) for c in profile.counts]
+    assert sum(int(c.sum()) for c in counts) == len(prompt) * 4 * 3  # tokens x top-k x MoE layers
+    hot = dsrun.load(
+        moe_gguf,
+        ctx=256,
+        **budgets["gpu"],
+        placement=str(path),
+        offload_options=FAKE_GPU | {"background": False},
+    )
+    pool = next(iter(hot.offload.slots.values()))
+    on_gpu = [counts[layer][e] for layer, e in pool.slot_of]
+    elsewhere = [
+        c[e]
+        for layer, c in enumerate(counts)
+        if len(c)
+        for e in range(len(c))
+        if (layer, e) not in pool.slot_of
+    ]
+    assert min(on_gpu) >= max(elsewhere)  # the GPU started with the profile's hottest experts
