@@ -262,7 +262,8 @@ class Assignments:
     """The active assignments of a step, grouped by loaded expert (ascending)."""
 
     x: torch.Tensor  # (A, D) float32: each assignment's token row
-    local: np.ndarray  # (A,) int64: index of its expert among the layer's loaded experts
+    experts: np.ndarray  # (A,) int64: its expert
+    local: np.ndarray  # (A,) int64: that expert's index among the layer's loaded experts
     tokens: torch.Tensor  # (A,) int64: its token
     weights: torch.Tensor  # (A,) float32: its routing weight
 
@@ -340,7 +341,7 @@ class CPUExperts(ABC):
         tokens, slots = tokens[order], slots[order]
         rows = torch.from_numpy(x.float().numpy()[tokens])  # (A, D)
         w = torch.from_numpy(weights.float().numpy()[tokens, slots])  # (A,)
-        return Assignments(rows, local[order], torch.from_numpy(tokens), w)
+        return Assignments(rows, experts[order], local[order], torch.from_numpy(tokens), w)
 
     def stats(self) -> dict:
         return {"backend": self.name, "layers": len(self.layers), "threads": self.threads}
@@ -431,8 +432,14 @@ BACKENDS = {  # name -> (module, class), imported on first use: each pulls in a 
     "torch": ("dsrun.offload.backend_torch", "TorchExperts"),
     "ort": ("dsrun.offload.backend_ort", "OrtExperts"),
     "openvino": ("dsrun.offload.backend_openvino", "OpenVinoExperts"),
+    "ggml": ("dsrun.offload.backend_ggml", "GgmlExperts"),
 }
-CANDIDATES = ("torch", "ort", "openvino")  # what "auto" times; dequant is the reference, never the fastest
+CANDIDATES = (
+    "ggml",
+    "torch",
+    "ort",
+    "openvino",
+)  # what "auto" times; dequant is the reference, never the fastest
 BENCH_BYTES = 192 << 20  # weights the micro-benchmark cycles through: several times the last-level cache
 BENCH_REPEATS = 12
 
@@ -508,7 +515,7 @@ def machine_key(shape: LayerShape, threads: int) -> str:
 
 
 def _package_version(backend: str) -> str:
-    module = {"torch": "torch", "ort": "onnxruntime", "openvino": "openvino"}[backend]
+    module = {"torch": "torch", "ort": "onnxruntime", "openvino": "openvino", "ggml": "llama_cpp"}[backend]
     try:
         return importlib.import_module(module).__version__
     except ImportError:

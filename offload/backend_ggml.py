@@ -1,0 +1,213 @@
+"""CPU experts on ggml's own kernels (libggml from llama-cpp-python), reading the GGUF's blocks in place.
+
+The layer's expert stacks become ggml tensors whose data is the model file's memory map: nothing is
+converted or copied, every GGUF type ggml runs is supported, and the numerics are llama.cpp's (the
+activations are quantized to the type's dot-product partner, Q8_K for K-quants, as llama.cpp does).
+Experts not in RAM are paged in from the file on first use, so the NVMe tier needs no extra work.
+
+A call builds a four-node graph in a scratch context, the way llama.cpp's build_moe_ffn does:
+`mul_mat_id` for gate and up (one row per assignment, its expert as the row's id), `swiglu_split`,
+`mul_mat_id` for down; it runs on one ggml thread pool per process whose threads sleep between calls
+(poll 0), so they leave the cores to torch in between.
+
+The bindings below follow the ggml.h / ggml-cpu.h that llama-cpp-python installs (site-packages/include);
+`unavailable_reason` refuses the backend if a symbol is missing.
+
+Legend: A assignments, D model width, F expert width, E experts; ggml shapes are written ne0-first.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import functools
+import importlib.util
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from dsrun.gguf_file import TensorInfo
+
+from .cpu_experts import Assignments, CPUExperts
+
+GGML_TYPE_F32, GGML_TYPE_I32 = 0, 26
+MAX_THREADS = 512  # GGML_MAX_N_THREADS
+TENSOR_ALIGNMENT = 32  # ggml asserts (and aborts the process) on a less aligned buffer
+SCRATCH_OVERHEAD = 1 << 20  # tensor and graph headers of a call's context, with room to spare
+_POINTER = C.c_void_p
+
+
+class InitParams(C.Structure):
+    _fields_ = [("mem_size", C.c_size_t), ("mem_buffer", C.c_void_p), ("no_alloc", C.c_bool)]
+
+
+class ThreadpoolParams(C.Structure):
+    _fields_ = [
+        ("cpumask", C.c_bool * MAX_THREADS),
+        ("n_threads", C.c_int),
+        ("prio", C.c_int),
+        ("poll", C.c_uint32),
+        ("strict_cpu", C.c_bool),
+        ("paused", C.c_bool),
+    ]
+
+
+class ComputePlan(C.Structure):  # struct ggml_cplan
+    _fields_ = [
+        ("work_size", C.c_size_t),
+        ("work_data", C.c_void_p),
+        ("n_threads", C.c_int),
+        ("threadpool", C.c_void_p),
+        ("abort_callback", C.c_void_p),
+        ("abort_callback_data", C.c_void_p),
+        ("use_ref", C.c_bool),
+    ]
+
+
+SIGNATURES = {  # name -> (library, result, argument types)
+    "ggml_init": ("base", _POINTER, [InitParams]),
+    "ggml_free": ("base", None, [_POINTER]),
+    "ggml_new_tensor_2d": ("base", _POINTER, [_POINTER, C.c_int, C.c_int64, C.c_int64]),
+    "ggml_new_tensor_3d": ("base", _POINTER, [_POINTER, C.c_int, C.c_int64, C.c_int64, C.c_int64]),
+    "ggml_get_data": ("base", _POINTER, [_POINTER]),
+    "ggml_mul_mat_id": ("base", _POINTER, [_POINTER, _POINTER, _POINTER, _POINTER]),
+    "ggml_swiglu_split": ("base", _POINTER, [_POINTER, _POINTER, _POINTER]),
+    "ggml_new_graph": ("base", _POINTER, [_POINTER]),
+    "ggml_build_forward_expand": ("base", None, [_POINTER, _POINTER]),
+    "ggml_backend_tensor_alloc": ("base", C.c_int, [_POINTER, _POINTER, _POINTER]),
+    "ggml_backend_buffer_free": ("base", None, [_POINTER]),
+    "ggml_threadpool_params_init": ("base", None, [C.POINTER(ThreadpoolParams), C.c_int]),
+    "ggml_cpu_init": ("cpu", None, []),
+    "ggml_backend_cpu_buffer_from_ptr": ("cpu", _POINTER, [_POINTER, C.c_size_t]),
+    "ggml_threadpool_new": ("cpu", _POINTER, [C.POINTER(ThreadpoolParams)]),
+    "ggml_graph_plan": ("cpu", ComputePlan, [_POINTER, C.c_int, _POINTER]),
+    "ggml_graph_compute": ("cpu", C.c_int, [_POINTER, C.POINTER(ComputePlan)]),
+}
+
+
+@functools.cache
+def ggml() -> SimpleNamespace | None:
+    """llama-cpp-python's libggml with the functions used here declared, or None if it is missing."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    lib_dir = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    try:
+        libs = {k: C.CDLL(str(lib_dir / f"libggml-{k}.so"), mode=C.RTLD_GLOBAL) for k in ("base", "cpu")}
+    except OSError:
+        return None
+    api = SimpleNamespace()
+    for name, (lib, result, args) in SIGNATURES.items():
+        fn = getattr(libs[lib], name, None)
+        if fn is None:
+            return None
+        fn.restype, fn.argtypes = result, args
+        setattr(api, name, fn)
+    api.ggml_cpu_init()
+    return api
+
+
+@functools.cache
+def shared_threadpool(threads: int) -> int:
+    """One ggml pool per thread count; its threads sleep between graphs instead of spinning."""
+    params = ThreadpoolParams()
+    ggml().ggml_threadpool_params_init(C.byref(params), threads)
+    params.poll = 0
+    return ggml().ggml_threadpool_new(C.byref(params))
+
+
+def aligned(data: np.ndarray) -> np.ndarray:
+    """The array itself if ggml can use its address (always, for tensors mapped from a GGUF file, whose
+    data is 32-byte aligned), else an aligned copy."""
+    if data.ctypes.data % TENSOR_ALIGNMENT == 0 and data.flags.c_contiguous:
+        return data
+    raw = np.empty(data.nbytes + TENSOR_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % TENSOR_ALIGNMENT
+    copy = raw[start : start + data.nbytes]
+    copy[:] = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    return copy
+
+
+class LayerTensors:
+    """One layer's expert stacks as ggml tensors over the model file's mapped bytes."""
+
+    def __init__(self, infos: tuple[TensorInfo, TensorInfo, TensorInfo]):
+        lib = ggml()
+        self.data = [aligned(info.data) for info in infos]  # must outlive the tensors pointing into them
+        self.ctx = lib.ggml_init(InitParams(SCRATCH_OVERHEAD, None, True))  # headers only
+        self.tensors, self.buffers = [], []
+        for info, data in zip(infos, self.data):
+            E, N, Kin = info.shape
+            t = lib.ggml_new_tensor_3d(self.ctx, int(info.qtype), Kin, N, E)  # ne (Kin, N, E)
+            address = data.ctypes.data
+            self.buffers.append(lib.ggml_backend_cpu_buffer_from_ptr(address, data.nbytes))
+            if lib.ggml_backend_tensor_alloc(self.buffers[-1], t, address) != 0:
+                raise RuntimeError(f"ggml could not map {info.name}")
+            self.tensors.append(t)
+        self.hidden, self.ff = infos[0].shape[2], infos[0].shape[1]
+
+    def __del__(self):
+        lib = ggml()
+        for buffer in getattr(self, "buffers", ()):
+            lib.ggml_backend_buffer_free(buffer)  # frees the wrapper only: the bytes are the file's
+        if getattr(self, "ctx", None):
+            lib.ggml_free(self.ctx)
+
+
+class GgmlExperts(CPUExperts):
+    name = "ggml"
+    version = 1
+
+    def __init__(self, *, threads: int | None = None):
+        super().__init__(threads=threads)
+        self.pool = shared_threadpool(self.threads)
+        self.scratch = np.empty(0, np.uint8)  # a call's context: inputs, intermediates, graph
+        self.work = np.empty(0, np.uint8)  # the graph's work buffer (quantized activations)
+        self.lock = threading.Lock()  # the two buffers serve one call at a time
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return None if ggml() is not None else "llama-cpp-python's libggml (with ggml_mul_mat_id) not found"
+
+    def _load(self, layer, gate, up, down, experts):
+        return LayerTensors((gate, up, down))
+
+    def _compute(self, state: LayerTensors, a: Assignments) -> torch.Tensor:
+        with self.lock:
+            return self._compute_locked(state, a)
+
+    def _compute_locked(self, state: LayerTensors, a: Assignments) -> torch.Tensor:
+        lib, A, D, F_ = ggml(), len(a.local), state.hidden, state.ff
+        need = SCRATCH_OVERHEAD + 4 * A * (3 * D + 4 * F_ + 64)  # x, ids, gate, up, act, out (f32/i32)
+        if self.scratch.nbytes < need:
+            self.scratch = np.empty(2 * need, np.uint8)
+        ctx = lib.ggml_init(InitParams(self.scratch.nbytes, self.scratch.ctypes.data, False))
+        try:
+            x = lib.ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, 1, A)  # ne (D, 1, A): a row per assignment
+            ids = lib.ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, A)  # ne (1, A): its expert
+            C.memmove(lib.ggml_get_data(x), a.x.data_ptr(), A * D * 4)
+            experts = np.ascontiguousarray(a.experts, dtype=np.int32)
+            C.memmove(lib.ggml_get_data(ids), experts.ctypes.data, A * 4)
+            gate_w, up_w, down_w = state.tensors
+            act = lib.ggml_swiglu_split(
+                ctx, lib.ggml_mul_mat_id(ctx, gate_w, x, ids), lib.ggml_mul_mat_id(ctx, up_w, x, ids)
+            )  # ne (F, 1, A)
+            y = lib.ggml_mul_mat_id(ctx, down_w, act, ids)  # ne (D, 1, A)
+            graph = lib.ggml_new_graph(ctx)
+            lib.ggml_build_forward_expand(graph, y)
+            self._run(graph)
+            out = np.ctypeslib.as_array(C.cast(lib.ggml_get_data(y), C.POINTER(C.c_float)), shape=(A, D))
+            return torch.from_numpy(out.copy())  # (A, D)
+        finally:
+            lib.ggml_free(ctx)
+
+    def _run(self, graph) -> None:
+        lib = ggml()
+        plan = lib.ggml_graph_plan(graph, self.threads, self.pool)
+        if self.work.nbytes < plan.work_size:
+            self.work = np.empty(2 * plan.work_size, np.uint8)
+        plan.work_data = self.work.ctypes.data
+        if lib.ggml_graph_compute(graph, C.byref(plan)) != 0:
+            raise RuntimeError("ggml graph compute failed")
