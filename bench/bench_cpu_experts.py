@@ -114,8 +114,11 @@ def expert_bytes(tensors) -> int:
     return sum(t.nbytes // t.shape[0] for t in tensors)
 
 
-def backend_expert_bytes(backend, layer: int) -> int:
-    """Bytes of one expert in the backend's shard layout (what its kernels read)."""
+def backend_expert_bytes(backend, layer: int, tensors) -> int:
+    """Bytes of one expert in the backend's layout (what its kernels read): its shard's, or the GGUF's
+    for a backend that reads the file's blocks in place."""
+    if getattr(backend, "store", None) is None:
+        return expert_bytes(tensors)
     (path,) = backend.store.root.rglob(f"{backend.name}-v{backend.version}/blk.{layer}.shard")
     arrays = shards.read_manifest(path)["arrays"].values()
     return sum(int(np.prod(a["shape"][1:])) * np.dtype(a["dtype"]).itemsize for a in arrays)
@@ -133,7 +136,7 @@ def measure_backend(name: str, tensors, layer: int, shape: LayerShape, reference
         t0 = time.perf_counter()
         backend.load_layer(layer, *tensors)
         reuse_s = time.perf_counter() - t0
-        own_bytes = backend_expert_bytes(backend, layer)
+        own_bytes = backend_expert_bytes(backend, layer, tensors)
         times = []
         for i, step in enumerate(routed_steps(shape, args.repeats + 3, args.tokens, seed=1)):
             t0 = time.perf_counter()
