@@ -44,8 +44,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cpu-backend",
         default=None,
-        choices=["auto", "dequant", "torch", "ort", "openvino"],
-        help="CPU expert backend (default: $DSRUN_CPU_BACKEND, else the fastest measured here)",
+        help="CPU expert backend: auto, dequant, torch, ort, openvino or ggml "
+        "(default: $DSRUN_CPU_BACKEND, else the fastest measured here)",
     )
 
 
