@@ -9,12 +9,16 @@ bytes that call stands for in the GGUF (what llama.cpp reads) and in the backend
 GB/s and as a share of the measured bandwidth (goal: >= 75% at batch 1), and the output's relative
 error against the F32 dequant reference.
 llama.cpp: decode tokens/s of the whole generated model and the GB/s of weights that implies (every
-non-expert tensor but the embedding table, plus 6/64 of the experts, per token).
+non-expert tensor but the embedding table, plus 6/64 of the experts, per token), and its time per MoE
+layer from the difference with a 2-layer model (runs interleaved, best of --llama-repeats), of which its
+routed experts' share is estimated by bytes; each backend's layer time is printed as a ratio to that.
 
-The model is generated once (dsrun.synth, --layers deep) and kept in the bench cache directory. The
-machine is shared: numbers move by tens of percent from run to run; the report says best and median.
+The models are generated once (dsrun.synth) and kept in the bench cache directory; --experts-only needs
+neither the default model's tokenizer nor llama.cpp. The machine is shared: numbers move by tens of
+percent from run to run; the report says best and median.
 
-    .venv/bin/python bench/bench_cpu_experts.py [--layers 4] [--repeats 40] [--backends torch,ort,openvino]
+    .venv/bin/python bench/bench_cpu_experts.py [--layers 4] [--repeats 40] [--threads 2]
+        [--backends ggml,torch,ort,openvino] [--json]
 """
 
 from __future__ import annotations
