@@ -336,8 +336,18 @@ class Generator:
     def uniform(rng: np.random.Generator, n: int, cols: int, std: float) -> np.ndarray:
         return rng.uniform(-math.sqrt(3) * std, math.sqrt(3) * std, size=(n, cols)).astype(np.float32)
 
-    def linear(self, fan_in: int, gain: float = 1.0) -> Fill:
-        return lambda rng, r0, r1, cols: self.uniform(rng, r1 - r0, cols, gain / math.sqrt(fan_in))
+    def linear(self, fan_in: int) -> Fill:
+        return lambda rng, r0, r1, cols: self.uniform(rng, r1 - r0, cols, 1 / math.sqrt(fan_in))
+
+    def reader(self) -> Fill:
+        """A matrix reading the residual stream, blind to u0: the constant every token carries would
+        otherwise leak into values and FFN outputs and bias routing with skew 0."""
+
+        def fill(rng, r0, r1, cols):
+            rows = self.uniform(rng, r1 - r0, cols, 1 / math.sqrt(cols))
+            return rows - np.outer(rows @ self.u0, self.u0)
+
+        return fill
 
     @staticmethod
     def norm(rng, r0, r1, cols) -> np.ndarray:
@@ -454,8 +464,8 @@ def _moe(spec: Spec, g: Generator, p: str, i: int) -> list[Planned]:
     D, E, F = spec.n_embd, spec.n_expert, spec.n_ff_exp
     out = [
         Planned(f"{p}ffn_gate_inp.weight", (E, D), g.router(i)),
-        Planned(f"{p}ffn_gate_exps.weight", (E, F, D), g.linear(D)),
-        Planned(f"{p}ffn_up_exps.weight", (E, F, D), g.linear(D)),
+        Planned(f"{p}ffn_gate_exps.weight", (E, F, D), g.reader()),
+        Planned(f"{p}ffn_up_exps.weight", (E, F, D), g.reader()),
         Planned(f"{p}ffn_down_exps.weight", (E, D, F), g.linear(F)),
     ]
     if spec.arch == "deepseek2" and spec.gating == "sigmoid":  # V3's selection bias: moves soft choices
@@ -469,14 +479,14 @@ def _moe(spec: Spec, g: Generator, p: str, i: int) -> list[Planned]:
     if shared:
         out += _swiglu(g, p, "_shexp", D, shared)
     if spec.arch == "qwen2moe":
-        out.append(Planned(f"{p}ffn_gate_inp_shexp.weight", (D,), g.linear(D)))
+        out.append(Planned(f"{p}ffn_gate_inp_shexp.weight", (D,), g.reader()))
     return out
 
 
 def _swiglu(g: Generator, p: str, suffix: str, D: int, F: int) -> list[Planned]:
     return [
-        Planned(f"{p}ffn_gate{suffix}.weight", (F, D), g.linear(D)),
-        Planned(f"{p}ffn_up{suffix}.weight", (F, D), g.linear(D)),
+        Planned(f"{p}ffn_gate{suffix}.weight", (F, D), g.reader()),
+        Planned(f"{p}ffn_up{suffix}.weight", (F, D), g.reader()),
         Planned(f"{p}ffn_down{suffix}.weight", (D, F), g.linear(F)),
     ]
 
@@ -493,7 +503,7 @@ def _deepseek2_layer(s: Spec, g: Generator, i: int) -> list[Planned]:
         q_row = np.zeros(Qr, np.float32)
         q_row[0] = math.sqrt(CONTEXT_AMPLITUDE / kq_scale) / QLORA_LIFT
         out += [
-            Planned(f"{p}attn_q_a.weight", (Qr, D), g.context_rows(g.linear(D), {0: lift}, [])),
+            Planned(f"{p}attn_q_a.weight", (Qr, D), g.context_rows(g.reader(), {0: lift}, [])),
             Planned(f"{p}attn_q_a_norm.weight", (Qr,), g.norm),
             Planned(
                 f"{p}attn_q_b.weight",
@@ -505,7 +515,7 @@ def _deepseek2_layer(s: Spec, g: Generator, i: int) -> list[Planned]:
         q_row = g.context_gain(kq_scale) * g.u0
         out.append(
             Planned(
-                f"{p}attn_q.weight", (H * (P + R), D), g.context_rows(g.linear(D), {P + pair: q_row}, head0)
+                f"{p}attn_q.weight", (H * (P + R), D), g.context_rows(g.reader(), {P + pair: q_row}, head0)
             )
         )
     k_row = g.context_gain(kq_scale) * g.u0  # the shared rope key is constant on the context pair
@@ -513,7 +523,7 @@ def _deepseek2_layer(s: Spec, g: Generator, i: int) -> list[Planned]:
         Planned(
             f"{p}attn_kv_a_mqa.weight",
             (C + R, D),
-            g.context_rows(g.linear(D), {C + pair: k_row}, [C + pair + 1]),
+            g.context_rows(g.reader(), {C + pair: k_row}, [C + pair + 1]),
         ),
         Planned(f"{p}attn_kv_a_norm.weight", (C,), g.norm),
     ]
@@ -543,9 +553,9 @@ def _gqa_layer(s: Spec, g: Generator, i: int) -> list[Planned]:
     q_rows = {h * Dh + d: row for h in range(group)}
     out = [
         Planned(f"{p}attn_norm.weight", (D,), g.norm),
-        Planned(f"{p}attn_q.weight", (H * Dh, D), g.context_rows(g.linear(D), q_rows, range(group * Dh))),
-        Planned(f"{p}attn_k.weight", (G * Dh, D), g.context_rows(g.linear(D), {d: row}, range(Dh))),
-        Planned(f"{p}attn_v.weight", (G * Dh, D), g.linear(D)),
+        Planned(f"{p}attn_q.weight", (H * Dh, D), g.context_rows(g.reader(), q_rows, range(group * Dh))),
+        Planned(f"{p}attn_k.weight", (G * Dh, D), g.context_rows(g.reader(), {d: row}, range(Dh))),
+        Planned(f"{p}attn_v.weight", (G * Dh, D), g.reader()),
     ]
     if s.arch == "qwen2moe":  # biases, zero on the context heads so their q and k stay constant
 
