@@ -31,7 +31,18 @@ model space: u0, and an orthonormal context basis U of CONTEXT_DIMS directions, 
 - Router rows are sqrt(1 - locality) * (random, orthogonal to u0 and U) + sqrt(locality) * (random
   in U), scaled for unit-variance logits: at locality 1 a token's experts follow the window average,
   so consecutive tokens mostly reuse experts; at 0 they are independent from token to token.
-Token embeddings and output rows are orthogonal to u0 and U so neither part biases the logits.
+Token embeddings and output rows are orthogonal to u0 and U so neither part biases the logits, and
+every other matrix reading the residual stream is orthogonal to u0, so the constant reaches nothing
+but the routers and the context heads. Measured on a 3-layer qwen3moe (16 experts, 2 used, n_embd
+128) over 400 random tokens: skew 0 gives the busiest expert 8% of assignments (uniform: 6%), skew
+1.5 gives it 46% (Zipf's law with exponent 1.5 over 16 experts: 46%); consecutive tokens share 12%
+of their experts at locality 0 (chance: 12.5%) and 59-78% at locality 1.
+
+router="hash" replaces all that for well-conditioned tests: each token id gets, per MoE layer, its own
+K experts (drawn by popularity, within topk_group groups), and its embedding carries HASH_CODE along
+an orthonormal code direction of each; router rows are those codes. A token's experts then win by a
+wide margin at any position, so rounding (llama.cpp's quantized activations, another summation order)
+cannot flip a routing decision, as it can with soft routers' close calls.
 """
 
 from __future__ import annotations
