@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from dsrun.engine import resolve_model
 torch.set_num_threads(int(os.environ.get("DSRUN_TEST_THREADS", "2")))
 # Parity tests run the exact CPU expert path; backend tests ask for their backend by name.
 os.environ.setdefault("DSRUN_CPU_BACKEND", "dequant")
+# Shards and backend verdicts go to a throwaway folder, not the user's ~/.cache/dsrun.
+os.environ.setdefault("DSRUN_CACHE_DIR", tempfile.mkdtemp(prefix="dsrun-test-cache-"))
 
 
 def pytest_collection_modifyitems(config, items):
