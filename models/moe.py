@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -169,24 +170,44 @@ class GGUFExperts(ExpertWeights):
         return load_weight(self.f, f"{self.prefix}ffn_down_exps.weight")  # (E, D, F)
 
 
+def group_by_expert(expert_ids: torch.Tensor, active: torch.Tensor | None = None):
+    """Active assignments grouped by expert: yields (expert, token rows, flat assignment indices)."""
+    K = expert_ids.shape[1]
+    flat = expert_ids.flatten()  # (T*K,) assignment j is token j // K
+    idx = torch.arange(flat.numel()) if active is None else active.flatten().nonzero().flatten()  # (A,)
+    if idx.numel() == 0:
+        return
+    order = idx[torch.argsort(flat[idx], stable=True)]  # (A,) grouped by expert
+    experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    start = 0
+    for e, n in zip(experts.tolist(), counts.tolist()):
+        sel = order[start : start + n]
+        yield e, sel // K, sel
+        start += n
+
+
+def weighted_experts(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    active: torch.Tensor | None,
+    run_expert: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Sum over each token's active assignments of weight * expert(x), each chosen expert run once on its
+    rows: run_expert(e, rows (n, D)). Ids and the active mask may live on the CPU while x is on a GPU."""
+    out = torch.zeros_like(x)  # (T, D)
+    w = weights.flatten().to(x.dtype)  # (T*K,)
+    for e, rows, sel in group_by_expert(expert_ids.cpu(), None if active is None else active.cpu()):
+        rows_d, sel_d = rows.to(x.device), sel.to(x.device)
+        out.index_add_(0, rows_d, run_expert(e, x[rows_d]) * w[sel_d, None])
+    return out
+
+
 def experts_forward(
     x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, experts: ExpertWeights
 ) -> torch.Tensor:
-    """Each token's weighted sum of its experts' outputs, running every chosen expert once on its tokens."""
-    T, K = expert_ids.shape
-    flat = expert_ids.flatten()  # (T*K,) assignment j is token j // K
-    order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-    counts = torch.bincount(flat, minlength=experts.n_expert).tolist()
-    tokens = order // K  # (T*K,) token of each grouped assignment
-    w = weights.flatten()[order, None]  # (T*K, 1)
-    out = torch.zeros_like(x)  # (T, D)
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            rows = tokens[start : start + n]
-            out.index_add_(0, rows, experts.forward(e, x[rows]) * w[start : start + n])
-        start += n
-    return out
+    """Each token's weighted sum of its experts' outputs (every assignment active)."""
+    return weighted_experts(x, expert_ids, weights, None, experts.forward)
 
 
 class MoEFFN:

@@ -14,7 +14,7 @@ import contextlib
 import numpy as np
 import torch
 
-from .expert_compute import swiglu, weighted_experts
+from dsrun.models.moe import swiglu, weighted_experts
 
 
 class DeviceExpertSlots:

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from dsrun.gguf_file import GGUFFile, TensorInfo
+from dsrun.models.moe import swiglu, weighted_experts
 from dsrun.quants import dequantize
 
 from .cpu_experts import CPUExperts
 from .device_slots import DeviceExpertSlots
-from .expert_compute import swiglu, weighted_experts
 from .hot_cache import HotExpertPolicy
 
 PROJECTIONS = ("gate", "up", "down")
