@@ -213,6 +213,9 @@ async def run_jobs(scheduler, jobs: list[Job], out: Output, tally: Tally, progre
     async def one(job: Job) -> None:
         async with slots:
             status, body = await complete(scheduler, job.kind, job.body, names)
+            while status == 429:  # a finished request can hold its slot until the next step: wait, not fail
+                await asyncio.sleep(0.05)
+                status, body = await complete(scheduler, job.kind, job.body, names)
         out.write(result_line(job, status, body))
         tally.add(status, body)
         progress.update()
@@ -263,7 +266,8 @@ def run(args) -> int:
     interrupted = False
     if jobs:
         engine = dsrun.load(args.model, **load_kwargs(args))
-        scheduler = Scheduler(engine, max_running=args.max_running, max_queue=args.max_running)
+        # room for every request in flight plus finished ones the scheduler has not reaped yet
+        scheduler = Scheduler(engine, max_running=args.max_running, max_queue=2 * args.max_running)
         tally.t0 = time.perf_counter()  # tokens/s and ETA count from when the model is ready
         progress = Progress(tally)
         try:
