@@ -50,9 +50,11 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import math
+import os
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -77,6 +79,8 @@ WEIGHT_TYPES = {  # name -> (ggml type, general.file_type)
     "Q2_K": (Q.Q2_K, LlamaFileType.MOSTLY_Q2_K),
 }
 CHUNK_FLOATS = 1 << 24  # floats generated and encoded at a time (64 MB)
+QUANT_THREADS = os.cpu_count() or 1
+PARALLEL_FLOATS = 1 << 20  # chunks smaller than this per thread are quantized on one
 
 EMBD_BIAS = 0.5  # embeddings' constant part along u0, times sqrt(D)
 S0 = 0.4  # expected x . u0 of a normalized hidden state, times sqrt(D) (rms of h grows over layers)
@@ -270,7 +274,10 @@ _GGML: list[ctypes.CDLL] = []
 
 
 def encode(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """float32 rows (n, cols) in a GGUF type's bytes, quantized blocks by ggml itself."""
+    """float32 rows (n, cols) in a GGUF type's bytes, quantized blocks by ggml itself.
+
+    Large chunks are split over QUANT_THREADS threads: ctypes drops the GIL, and K-quant quantization
+    (~15 M floats/s a core) is what a real-shaped file spends its time on."""
     if qtype == Q.F32:
         return rows
     if qtype == Q.F16:
@@ -281,7 +288,16 @@ def encode(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     n, cols = rows.shape
     out = np.empty(n * cols // block * type_size, dtype=np.uint8)
     src = np.ascontiguousarray(rows, dtype=np.float32)
-    written = _GGML[0].ggml_quantize_chunk(int(qtype), src.ctypes.data, out.ctypes.data, 0, n, cols, None)
+
+    def quantize(span: np.ndarray) -> int:  # rows span[0] .. span[-1]; ggml offsets dst from `start`
+        first, count = int(span[0]), len(span)
+        return _GGML[0].ggml_quantize_chunk(
+            int(qtype), src.ctypes.data, out.ctypes.data, first * cols, count, cols, None
+        )
+
+    threads = min(QUANT_THREADS, max(1, rows.size // PARALLEL_FLOATS), n)
+    with ThreadPoolExecutor(threads) as pool:
+        written = sum(pool.map(quantize, np.array_split(np.arange(n), threads)))
     assert written == out.nbytes
     return out
 
