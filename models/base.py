@@ -80,9 +80,7 @@ class KVCache:
         self.n = min(self.n, n)
 
     def bytes_per_token(self) -> int:
-        return sum(
-            b[0].numel() // b.shape[0] * b.element_size() for bufs in self.layers if bufs for b in bufs
-        )
+        return sum(b[0].numel() * b.element_size() for bufs in self.layers if bufs for b in bufs)
 
     def used_bytes(self) -> int:
         return self.n * self.bytes_per_token()

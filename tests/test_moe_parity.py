@@ -167,11 +167,6 @@ def check_cache_holds_only_the_latent(eng) -> None:
         assert layer[0].dtype == torch.float32
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KVCache.bytes_per_token() divides a row's size by the buffer's capacity (models/base.py); "
-    "`b[0].numel() * b.element_size()` is the fix. Drop this mark with it.",
-)
 def test_deepseek2_cache_grows_by_the_latent_per_token(tmp_path):
     from dsrun.gguf_file import GGUFFile
     from dsrun.models import deepseek2
