@@ -112,7 +112,7 @@ class Engine:
     ):
         """`offload_options` go to attach_offload (tests stand a CPU in for a GPU with device_map)."""
         from dsrun.offload.hybrid import attach_offload
-        from dsrun.plan import plan_model
+        from dsrun.plan import plan_file
 
         t0 = time.perf_counter()
         torch.set_num_threads(threads or default_threads())
@@ -121,7 +121,7 @@ class Engine:
         module = model_module(self.file.arch)
         check_quant_types(self.file)
         self.config = module.Config.from_gguf(self.file)
-        self.plan = plan_model(path, ctx=ctx, gpus=gpus, gpu_mem=gpu_mem, ram=ram, placement=placement)
+        self.plan = plan_file(self.file, ctx=ctx, gpus=gpus, gpu_mem=gpu_mem, ram=ram, placement=placement)
         self.model = module.Model(self.config, self.file)
         options = dict(offload_options or {})
         if cpu_backend is not None or "backend" not in options:

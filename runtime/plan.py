@@ -69,15 +69,19 @@ def run(args) -> int:
 
 def plan_model(model, *, ctx=4096, gpus="auto", gpu_mem=None, ram=None, placement=None) -> Plan:
     """Plan a model (path or name) from its GGUF metadata alone."""
-    if not isinstance(ctx, int) or ctx < 1:
-        raise InvalidRequestError(f"ctx must be a positive number of tokens, not {ctx!r}")
     f = GGUFFile(resolve_model(model))
     try:
-        sizes = model_sizes(f, ctx)
+        return plan_file(f, ctx=ctx, gpus=gpus, gpu_mem=gpu_mem, ram=ram, placement=placement)
     finally:
         f.close()
+
+
+def plan_file(f: GGUFFile, *, ctx=4096, gpus="auto", gpu_mem=None, ram=None, placement=None) -> Plan:
+    """Plan an open GGUF (the engine plans the file it has already opened)."""
+    if not isinstance(ctx, int) or ctx < 1:
+        raise InvalidRequestError(f"ctx must be a positive number of tokens, not {ctx!r}")
     profile = read_profile(placement) if placement else None
-    return plan(sizes, resolve_budgets(gpus, gpu_mem, ram), profile)
+    return plan(model_sizes(f, ctx), resolve_budgets(gpus, gpu_mem, ram), profile)
 
 
 def resolve_budgets(gpus="auto", gpu_mem=None, ram=None) -> Budgets:
