@@ -89,6 +89,42 @@ class KVCache:
         return sum(b.numel() * b.element_size() for bufs in self.layers if bufs for b in bufs)
 
 
+class LanguageModel:
+    """What every architecture shares: embeddings, the loop of blocks over a Batch, the logits head.
+
+    A subclass builds its blocks through `make_block(cfg, f, i)` and says in `block_args` what each block
+    takes besides (x, batch, layer): its position encoding.
+    """
+
+    def __init__(self, cfg, f: GGUFFile, make_block):
+        self.cfg = cfg
+        self.token_embd = load_weight(f, "token_embd.weight")  # (V, D)
+        self.blocks = [make_block(cfg, f, i) for i in range(cfg.n_layer)]
+        self.output_norm = load_weight(f, "output_norm.weight")
+        output = maybe_weight(f, "output.weight")
+        self.output = self.token_embd if output is None else output  # (V, D), tied when absent
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layer)
+
+    def block_args(self, batch: Batch) -> tuple:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Logits (rows of out_rows, V) for the batch; every sequence's cache grows by its tokens."""
+        extra = self.block_args(batch)
+        x = self.token_embd[batch.tokens]  # (T, D)
+        for i, block in enumerate(self.blocks):
+            x = block(x, batch, i, *extra)
+        for s in batch.seqs:
+            s.cache.commit(s.n)
+        if batch.out_rows is not None:
+            x = x[batch.out_rows]
+        x = x.to(self.output.device)  # the last block may sit on another GPU than the head
+        return F.linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output)  # (rows, V)
+
+
 def load_weight(f: GGUFFile, name: str) -> torch.Tensor:
     """A tensor from the file, dequantized to float32 in numpy order (out_features, in_features)."""
     info = f.tensor(name)

@@ -23,7 +23,7 @@ from dsrun.gguf_file import GGUFFile
 
 from .base import (
     Batch,
-    KVCache,
+    LanguageModel,
     apply_rope,
     causal_mask,
     load_weight,
@@ -222,30 +222,12 @@ class Block:
         return x + self.ffn(rms_norm(x, self.ffn_norm, eps))
 
 
-class Model:
+class Model(LanguageModel):
     def __init__(self, cfg: Config, f: GGUFFile):
-        self.cfg = cfg
-        self.token_embd = load_weight(f, "token_embd.weight")  # (V, D)
-        self.blocks = [Block(cfg, f, i) for i in range(cfg.n_layer)]
-        self.output_norm = load_weight(f, "output_norm.weight")
-        output = maybe_weight(f, "output.weight")
-        self.output = self.token_embd if output is None else output  # (V, D)
+        super().__init__(cfg, f, Block)
         self.inv_freq = yarn_inv_freq(cfg)
         self.rope_magnitude, self.kq_scale = rope_magnitude_and_kq_scale(cfg)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.cfg.n_layer)
-
-    @torch.inference_mode()
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Logits (rows of out_rows, V) for the batch; every sequence's cache grows by its tokens."""
+    def block_args(self, batch: Batch) -> tuple:
         rope = rope_cos_sin(batch.positions(), self.inv_freq, mscale=self.rope_magnitude)
-        x = self.token_embd[batch.tokens]  # (T, D)
-        for i, block in enumerate(self.blocks):
-            x = block(x, batch, i, rope, self.kq_scale)
-        for s in batch.seqs:
-            s.cache.commit(s.n)
-        if batch.out_rows is not None:
-            x = x[batch.out_rows]
-        x = x.to(self.output.device)  # the last block may sit on another GPU than the head
-        return F.linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output)  # (rows, V)
+        return rope, self.kq_scale

@@ -15,7 +15,7 @@ from dsrun.gguf_file import GGUFFile
 
 from .base import (
     Batch,
-    KVCache,
+    LanguageModel,
     apply_rope,
     attend,
     default_attn_scale,
@@ -111,30 +111,10 @@ class Block:
         return x + self.ffn(rms_norm(x, self.ffn_norm, self.cfg.norm_eps))
 
 
-class Model:
+class Model(LanguageModel):
     def __init__(self, cfg: Config, f: GGUFFile):
-        self.cfg = cfg
-        self.token_embd = load_weight(f, "token_embd.weight")  # (V, n_embd)
-        self.blocks = [Block(cfg, f, i) for i in range(cfg.n_layer)]
-        self.output_norm = load_weight(f, "output_norm.weight")
-        self.output = maybe_weight(f, "output.weight")
-        if self.output is None:  # tied embeddings
-            self.output = self.token_embd
+        super().__init__(cfg, f, Block)
         self.inv_freq = rope_inv_freq(cfg.rope_dim, cfg.rope_base, maybe_weight(f, "rope_freqs.weight"))
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.cfg.n_layer)
-
-    @torch.inference_mode()
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Logits (rows of out_rows, V) for the batch; every sequence's cache grows by its tokens."""
-        cos, sin = rope_cos_sin(batch.positions(), self.inv_freq, self.cfg.rope_scale)
-        x = self.token_embd[batch.tokens]  # (T, n_embd)
-        for i, block in enumerate(self.blocks):
-            x = block(x, batch, i, cos, sin)
-        for s in batch.seqs:
-            s.cache.commit(s.n)
-        if batch.out_rows is not None:
-            x = x[batch.out_rows]
-        x = x.to(self.output.device)  # the last block may sit on another GPU than the head
-        return F.linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output)  # (rows, V)
+    def block_args(self, batch: Batch) -> tuple:
+        return rope_cos_sin(batch.positions(), self.inv_freq, self.cfg.rope_scale)  # (cos, sin)
