@@ -40,6 +40,8 @@ class ExpertFile:
         }
         self.n_expert = self.infos["gate"].shape[0]
         self.n_ff, self.n_embd = self.infos["gate"].shape[1:]
+        # opened once: prefetch advises the kernel on every MoE layer of every step
+        self.files = {path: open(path, "rb") for path in {i.path for i in self.infos.values()}}
 
     def expert_bytes(self) -> int:
         return sum(i.nbytes for i in self.infos.values()) // self.n_expert
@@ -52,10 +54,12 @@ class ExpertFile:
         """Ask the kernel to read the expert's bytes into the page cache now, in the background."""
         for info in self.infos.values():
             per_expert = info.nbytes // self.n_expert
-            with open(info.path, "rb") as fh:
-                os.posix_fadvise(
-                    fh.fileno(), info.offset + e * per_expert, per_expert, os.POSIX_FADV_WILLNEED
-                )
+            fd = self.files[info.path].fileno()
+            os.posix_fadvise(fd, info.offset + e * per_expert, per_expert, os.POSIX_FADV_WILLNEED)
+
+    def close(self) -> None:
+        for fh in self.files.values():
+            fh.close()
 
 
 class HomeExperts:
@@ -223,6 +227,8 @@ class Offload:
             self.jobs.put(None)
             self.mover.join()
         self.background = False
+        for home in self.homes.values():
+            home.source.close()
 
     def rebalance(self) -> None:
         for device_slots, layers in self._devices():
