@@ -89,6 +89,16 @@ class KVCache:
         return sum(b.numel() * b.element_size() for bufs in self.layers if bufs for b in bufs)
 
 
+class PreNormBlock:
+    """x + attn(norm x), then + ffn(norm x): a layer whose subclass sets cfg, attn_norm, attn, ffn_norm and
+    ffn. `pos` is the architecture's position encoding, handed through to its attention."""
+
+    def __call__(self, x: torch.Tensor, batch: Batch, layer: int, *pos) -> torch.Tensor:
+        eps = self.cfg.norm_eps
+        x = x + self.attn(rms_norm(x, self.attn_norm, eps), batch, layer, *pos)
+        return x + self.ffn(rms_norm(x, self.ffn_norm, eps))
+
+
 class LanguageModel:
     """What every architecture shares: embeddings, the loop of blocks over a Batch, the logits head.
 

@@ -24,6 +24,7 @@ from dsrun.gguf_file import GGUFFile
 from .base import (
     Batch,
     LanguageModel,
+    PreNormBlock,
     apply_rope,
     causal_mask,
     load_weight,
@@ -206,20 +207,13 @@ class Attention:
         return F.linear(heads.flatten(1), self.attn_output)  # (T, D)
 
 
-class Block:
+class Block(PreNormBlock):
     def __init__(self, cfg: Config, f: GGUFFile, i: int):
         self.cfg = cfg
         self.attn_norm = load_weight(f, f"blk.{i}.attn_norm.weight")
         self.attn = Attention(cfg, f, i)
         self.ffn_norm = load_weight(f, f"blk.{i}.ffn_norm.weight")
         self.ffn = SwiGLU(f, f"blk.{i}.") if i < cfg.n_layer_dense_lead else MoEFFN(f, i, cfg.routing)
-
-    def __call__(
-        self, x: torch.Tensor, batch: Batch, layer: int, rope: tuple, kq_scale: float
-    ) -> torch.Tensor:
-        eps = self.cfg.norm_eps
-        x = x + self.attn(rms_norm(x, self.attn_norm, eps), batch, layer, rope, kq_scale)
-        return x + self.ffn(rms_norm(x, self.ffn_norm, eps))
 
 
 class Model(LanguageModel):

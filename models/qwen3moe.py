@@ -21,6 +21,7 @@ from dsrun.gguf_file import GGUFFile
 from .base import (
     Batch,
     LanguageModel,
+    PreNormBlock,
     apply_rope,
     attend,
     default_attn_scale,
@@ -107,18 +108,13 @@ class Attention:
         return F.linear(out.flatten(1), self.attn_output)  # (T, D)
 
 
-class Block:
+class Block(PreNormBlock):
     def __init__(self, cfg: Config, f: GGUFFile, i: int):
         self.cfg = cfg
         self.attn_norm = load_weight(f, f"blk.{i}.attn_norm.weight")
         self.attn = Attention(cfg, f, i)
         self.ffn_norm = load_weight(f, f"blk.{i}.ffn_norm.weight")
-        self.moe = MoEFFN(f, i, cfg.routing)
-
-    def __call__(self, x: torch.Tensor, batch: Batch, layer: int, cos, sin) -> torch.Tensor:
-        eps = self.cfg.norm_eps
-        x = x + self.attn(rms_norm(x, self.attn_norm, eps), batch, layer, cos, sin)
-        return x + self.moe(rms_norm(x, self.ffn_norm, eps))
+        self.ffn = MoEFFN(f, i, cfg.routing)
 
 
 class Model(LanguageModel):
