@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from dsrun.gguf_file import GGUFFile
 from dsrun.quants import dequantize
 
+from .gguf_matrix import GGUFMatrix, linear, load_matrix
+
 
 @dataclass
 class Seq:
@@ -108,10 +110,10 @@ class LanguageModel:
 
     def __init__(self, cfg, f: GGUFFile, make_block):
         self.cfg = cfg
-        self.token_embd = load_weight(f, "token_embd.weight")  # (V, D)
+        self.token_embd = load_linear(f, "token_embd.weight")  # (V, D)
         self.blocks = [make_block(cfg, f, i) for i in range(cfg.n_layer)]
         self.output_norm = load_weight(f, "output_norm.weight")
-        output = maybe_weight(f, "output.weight")
+        output = load_linear(f, "output.weight") if "output.weight" in f.tensors else None
         self.output = self.token_embd if output is None else output  # (V, D), tied when absent
 
     def new_cache(self) -> KVCache:
@@ -124,7 +126,7 @@ class LanguageModel:
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits (rows of out_rows, V) for the batch; every sequence's cache grows by its tokens."""
         extra = self.block_args(batch)
-        x = self.token_embd[batch.tokens]  # (T, D)
+        x = embed(self.token_embd, batch.tokens)  # (T, D)
         for i, block in enumerate(self.blocks):
             x = block(x, batch, i, *extra)
         for s in batch.seqs:
@@ -132,13 +134,23 @@ class LanguageModel:
         if batch.out_rows is not None:
             x = x[batch.out_rows]
         x = x.to(self.output.device)  # the last block may sit on another GPU than the head
-        return F.linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output)  # (rows, V)
+        return linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output)  # (rows, V)
 
 
 def load_weight(f: GGUFFile, name: str) -> torch.Tensor:
     """A tensor from the file, dequantized to float32 in numpy order (out_features, in_features)."""
     info = f.tensor(name)
     return dequantize(info.data, info.qtype, info.shape, name=name)
+
+
+def load_linear(f: GGUFFile, name: str) -> torch.Tensor | GGUFMatrix:
+    """A projection's weight: left quantized for ggml where the file has it quantized, else float32."""
+    matrix = load_matrix(f.tensor(name))
+    return load_weight(f, name) if matrix is None else matrix
+
+
+def embed(table: torch.Tensor | GGUFMatrix, tokens: torch.Tensor) -> torch.Tensor:
+    return table.rows(tokens) if isinstance(table, GGUFMatrix) else table[tokens]  # (T, D)
 
 
 def maybe_weight(f: GGUFFile, name: str) -> torch.Tensor | None:
@@ -242,7 +254,7 @@ def move_tensors(obj, device: torch.device, memo: dict) -> None:
 
 
 def _moved(value, device: torch.device, memo: dict):
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (torch.Tensor, GGUFMatrix)):
         key = (id(value), device)
         if key not in memo:
             memo[key] = (value, value.to(device))  # the original is kept so its id is not reused
@@ -257,7 +269,7 @@ def place_model(model, layer_devices: list[str]) -> None:
     memo: dict = {}
     first, last = torch.device(layer_devices[0]), torch.device(layer_devices[-1])
     for name, value in list(vars(model).items()):
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, (torch.Tensor, GGUFMatrix)):
             setattr(model, name, _moved(value, first if name == "token_embd" else last, memo))
     for i, block in enumerate(model.blocks):
         device = torch.device(layer_devices[i])

@@ -27,12 +27,14 @@ from .base import (
     PreNormBlock,
     apply_rope,
     causal_mask,
+    load_linear,
     load_weight,
     maybe_weight,
     rms_norm,
     rope_cos_sin,
     rope_inv_freq,
 )
+from .gguf_matrix import linear
 from .moe import MoEFFN, Routing, SwiGLU
 
 YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0  # llama.cpp's YaRN correction range (its defaults)
@@ -157,17 +159,20 @@ class Attention:
         def w(name: str) -> torch.Tensor:
             return load_weight(f, f"blk.{i}.{name}.weight")
 
+        def proj(name: str):
+            return load_linear(f, f"blk.{i}.{name}.weight")
+
         self.cfg = cfg
         H, C, P, Dv = cfg.n_head, cfg.kv_lora_rank, cfg.qk_nope_dim, cfg.v_head_dim
         if cfg.q_lora_rank:
             self.attn_q_a, self.attn_q_a_norm, self.attn_q_b = (
-                w("attn_q_a"),
+                proj("attn_q_a"),
                 w("attn_q_a_norm"),
-                w("attn_q_b"),
+                proj("attn_q_b"),
             )
         else:
-            self.attn_q = w("attn_q")  # (H*(P+R), D)
-        self.attn_kv_a_mqa = w("attn_kv_a_mqa")  # (C+R, D)
+            self.attn_q = proj("attn_q")  # (H*(P+R), D)
+        self.attn_kv_a_mqa = proj("attn_kv_a_mqa")  # (C+R, D)
         self.attn_kv_a_norm = w("attn_kv_a_norm")  # (C,)
         kv_b = maybe_weight(f, f"blk.{i}.attn_kv_b.weight")  # (H*(P+Dv), C) in the older layout
         if kv_b is not None:
@@ -177,14 +182,14 @@ class Attention:
         else:
             self.attn_k_b = w("attn_k_b").view(H, C, P)  # (H, C, P)
             self.attn_v_b = w("attn_v_b").view(H, Dv, C)  # (H, Dv, C)
-        self.attn_output = w("attn_output")  # (D, H*Dv)
+        self.attn_output = proj("attn_output")  # (D, H*Dv)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         c = self.cfg
         if c.q_lora_rank:
-            q = F.linear(rms_norm(F.linear(x, self.attn_q_a), self.attn_q_a_norm, c.norm_eps), self.attn_q_b)
+            q = linear(rms_norm(linear(x, self.attn_q_a), self.attn_q_a_norm, c.norm_eps), self.attn_q_b)
         else:
-            q = F.linear(x, self.attn_q)
+            q = linear(x, self.attn_q)
         return q.unflatten(-1, (c.n_head, c.qk_nope_dim + c.qk_rope_dim))  # (T, H, P+R)
 
     def __call__(
@@ -193,7 +198,7 @@ class Attention:
         c = self.cfg
         cos, sin = rope
         q_nope, q_pe = self.query(x).split([c.qk_nope_dim, c.qk_rope_dim], dim=-1)  # (T, H, P), (T, H, R)
-        latent, k_pe = F.linear(x, self.attn_kv_a_mqa).split([c.kv_lora_rank, c.qk_rope_dim], dim=-1)
+        latent, k_pe = linear(x, self.attn_kv_a_mqa).split([c.kv_lora_rank, c.qk_rope_dim], dim=-1)
         latent = rms_norm(latent, self.attn_kv_a_norm, c.norm_eps)  # (T, C)
         k_pe = apply_rope(k_pe[:, None, :], cos, sin, neox=False)[:, 0]  # (T, R)
         q_latent = torch.einsum("thp,hcp->thc", q_nope, self.attn_k_b)  # (T, H, C): k_b folded into q
@@ -204,7 +209,7 @@ class Attention:
             (kv,) = s.cache.append(layer, kv_new[s.rows])  # (N, C+R)
             out[s.rows] = attend_latent(q[s.rows], kv, c.kv_lora_rank, s.cache.n, kq_scale)
         heads = torch.einsum("thc,hvc->thv", out, self.attn_v_b)  # (T, H, Dv): v_b folded into the output
-        return F.linear(heads.flatten(1), self.attn_output)  # (T, D)
+        return linear(heads.flatten(1), self.attn_output)  # (T, D)
 
 
 class Block(PreNormBlock):

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from dsrun.errors import UnsupportedModelError
 from dsrun.gguf_file import GGUFFile
@@ -19,12 +18,14 @@ from .base import (
     apply_rope,
     attend,
     default_attn_scale,
+    load_linear,
     load_weight,
     maybe_weight,
     rms_norm,
     rope_cos_sin,
     rope_inv_freq,
 )
+from .gguf_matrix import linear, linears, swiglu
 from .moe import MoEFFN, Routing
 
 
@@ -76,14 +77,14 @@ class Block:
     """One transformer layer; attributes carry the GGUF tensor names of `blk.N.*.weight`."""
 
     def __init__(self, cfg: Config, f: GGUFFile, i: int):
-        def w(name: str) -> torch.Tensor:
-            return load_weight(f, f"blk.{i}.{name}.weight")
+        def w(name: str):
+            return load_linear(f, f"blk.{i}.{name}.weight")
 
         self.cfg = cfg
-        self.attn_norm = w("attn_norm")
+        self.attn_norm = load_weight(f, f"blk.{i}.attn_norm.weight")
         self.attn_q, self.attn_k, self.attn_v = w("attn_q"), w("attn_k"), w("attn_v")
         self.attn_output = w("attn_output")
-        self.ffn_norm = w("ffn_norm")
+        self.ffn_norm = load_weight(f, f"blk.{i}.ffn_norm.weight")
         # Mixtral: llama.cpp renormalizes the top-k softmax weights of llama-arch experts
         self.moe = MoEFFN(f, i, Routing.from_gguf(f, norm=True, gating="softmax")) if cfg.n_expert else None
         if self.moe is None:
@@ -91,20 +92,21 @@ class Block:
 
     def attention(self, x: torch.Tensor, batch: Batch, layer: int, cos, sin) -> torch.Tensor:
         c = self.cfg
-        q = F.linear(x, self.attn_q).unflatten(-1, (c.n_head, c.head_dim))  # (T, H, D)
-        k = F.linear(x, self.attn_k).unflatten(-1, (c.n_head_kv, c.head_dim))  # (T, G, D)
-        v = F.linear(x, self.attn_v).unflatten(-1, (c.n_head_kv, c.head_dim))  # (T, G, D)
+        q, k, v = linears(x, [self.attn_q, self.attn_k, self.attn_v])
+        q = q.unflatten(-1, (c.n_head, c.head_dim))  # (T, H, D)
+        k = k.unflatten(-1, (c.n_head_kv, c.head_dim))  # (T, G, D)
+        v = v.unflatten(-1, (c.n_head_kv, c.head_dim))  # (T, G, D)
         q, k = apply_rope(q, cos, sin, neox=False), apply_rope(k, cos, sin, neox=False)
         out = torch.empty_like(q)
         for s in batch.seqs:
             k_all, v_all = s.cache.append(layer, k[s.rows], v[s.rows])  # (N, G, D) each
             out[s.rows] = attend(q[s.rows], k_all, v_all, s.cache.n, default_attn_scale(c.head_dim))
-        return F.linear(out.flatten(1), self.attn_output)  # (T, n_embd)
+        return linear(out.flatten(1), self.attn_output)  # (T, n_embd)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         if self.moe is not None:
             return self.moe(x)
-        return F.linear(F.silu(F.linear(x, self.ffn_gate)) * F.linear(x, self.ffn_up), self.ffn_down)
+        return swiglu(x, self.ffn_gate, self.ffn_up, self.ffn_down)
 
     def __call__(self, x: torch.Tensor, batch: Batch, layer: int, cos, sin) -> torch.Tensor:
         x = x + self.attention(rms_norm(x, self.attn_norm, self.cfg.norm_eps), batch, layer, cos, sin)

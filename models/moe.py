@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from dsrun.errors import UnsupportedModelError
 from dsrun.gguf_file import GGUFFile
 
-from .base import load_weight, maybe_weight
+from .base import load_linear, load_weight, maybe_weight
+from .gguf_matrix import swiglu
 
 GATING_FUNCS = {0: "softmax", 1: "softmax", 2: "sigmoid"}  # GGUF expert_gating_func: 0 = unset
 MIN_WEIGHT_SUM = 6.103515625e-5  # llama.cpp clamps the normalizer to the smallest normal f16
@@ -104,18 +105,13 @@ def keep_top_groups(selection: torch.Tensor, n_group: int, topk_group: int) -> t
     return grouped.masked_fill(dropped[..., None], -math.inf).view(T, E)  # (T, E)
 
 
-def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate x) * up x) with weights in numpy order: gate/up (F, D), down (D, F)."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
-
-
 class SwiGLU:
     """Dense SwiGLU from `{prefix}ffn_{gate,up,down}{suffix}.weight`: dense layers, shared experts."""
 
     def __init__(self, f: GGUFFile, prefix: str, suffix: str = ""):
-        self.ffn_gate = load_weight(f, f"{prefix}ffn_gate{suffix}.weight")  # (F, D)
-        self.ffn_up = load_weight(f, f"{prefix}ffn_up{suffix}.weight")  # (F, D)
-        self.ffn_down = load_weight(f, f"{prefix}ffn_down{suffix}.weight")  # (D, F)
+        self.ffn_gate = load_linear(f, f"{prefix}ffn_gate{suffix}.weight")  # (F, D)
+        self.ffn_up = load_linear(f, f"{prefix}ffn_up{suffix}.weight")  # (F, D)
+        self.ffn_down = load_linear(f, f"{prefix}ffn_down{suffix}.weight")  # (D, F)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return swiglu(x, self.ffn_gate, self.ffn_up, self.ffn_down)

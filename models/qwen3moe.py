@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from dsrun.errors import UnsupportedModelError
 from dsrun.gguf_file import GGUFFile
@@ -25,12 +24,14 @@ from .base import (
     apply_rope,
     attend,
     default_attn_scale,
+    load_linear,
     load_weight,
     maybe_weight,
     rms_norm,
     rope_cos_sin,
     rope_inv_freq,
 )
+from .gguf_matrix import linear
 from .moe import MoEFFN, Routing
 
 NORM_TOP_K = True  # llama.cpp renormalizes qwen3moe's chosen weights whatever the file says
@@ -83,16 +84,16 @@ class Attention:
     def __init__(self, cfg: Config, f: GGUFFile, i: int):
         p = f"blk.{i}."
         self.cfg = cfg
-        self.attn_q, self.attn_k, self.attn_v = (load_weight(f, f"{p}attn_{n}.weight") for n in "qkv")
+        self.attn_q, self.attn_k, self.attn_v = (load_linear(f, f"{p}attn_{n}.weight") for n in "qkv")
         self.attn_q_bias, self.attn_k_bias, self.attn_v_bias = (
             maybe_weight(f, f"{p}attn_{n}.bias") for n in "qkv"
         )
         self.attn_q_norm = maybe_weight(f, f"{p}attn_q_norm.weight")  # (Dh,)
         self.attn_k_norm = maybe_weight(f, f"{p}attn_k_norm.weight")  # (Dh,)
-        self.attn_output = load_weight(f, f"{p}attn_output.weight")  # (D, H*Dh)
+        self.attn_output = load_linear(f, f"{p}attn_output.weight")  # (D, H*Dh)
 
     def project(self, x: torch.Tensor, weight, bias, norm, heads: int) -> torch.Tensor:
-        y = F.linear(x, weight, bias).unflatten(-1, (heads, self.cfg.head_dim))  # (T, heads, Dh)
+        y = linear(x, weight, bias).unflatten(-1, (heads, self.cfg.head_dim))  # (T, heads, Dh)
         return y if norm is None else rms_norm(y, norm, self.cfg.norm_eps)
 
     def __call__(self, x: torch.Tensor, batch: Batch, layer: int, cos, sin) -> torch.Tensor:
@@ -105,7 +106,7 @@ class Attention:
         for s in batch.seqs:
             k_all, v_all = s.cache.append(layer, k[s.rows], v[s.rows])  # (N, G, Dh) each
             out[s.rows] = attend(q[s.rows], k_all, v_all, s.cache.n, default_attn_scale(c.head_dim))
-        return F.linear(out.flatten(1), self.attn_output)  # (T, D)
+        return linear(out.flatten(1), self.attn_output)  # (T, D)
 
 
 class Block(PreNormBlock):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes as C
 import functools
 import importlib.util
+import os
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -72,6 +73,7 @@ SIGNATURES = {  # name -> (library, result, argument types)
     "ggml_new_tensor_2d": ("base", _POINTER, [_POINTER, C.c_int, C.c_int64, C.c_int64]),
     "ggml_new_tensor_3d": ("base", _POINTER, [_POINTER, C.c_int, C.c_int64, C.c_int64, C.c_int64]),
     "ggml_get_data": ("base", _POINTER, [_POINTER]),
+    "ggml_mul_mat": ("base", _POINTER, [_POINTER, _POINTER, _POINTER]),
     "ggml_mul_mat_id": ("base", _POINTER, [_POINTER, _POINTER, _POINTER, _POINTER]),
     "ggml_swiglu_split": ("base", _POINTER, [_POINTER, _POINTER, _POINTER]),
     "ggml_new_graph": ("base", _POINTER, [_POINTER]),
@@ -87,13 +89,22 @@ SIGNATURES = {  # name -> (library, result, argument types)
 }
 
 
-@functools.cache
-def ggml() -> SimpleNamespace | None:
-    """llama-cpp-python's libggml with the functions used here declared, or None if it is missing."""
+def ggml_lib_dir() -> Path | None:
+    """Where libggml-base/cpu are: $DSRUN_GGML_LIB (a ggml built for this CPU), else llama-cpp-python's."""
+    if os.environ.get("DSRUN_GGML_LIB"):
+        return Path(os.environ["DSRUN_GGML_LIB"])
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.submodule_search_locations:
         return None
-    lib_dir = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    return Path(next(iter(spec.submodule_search_locations))) / "lib"
+
+
+@functools.cache
+def ggml() -> SimpleNamespace | None:
+    """libggml with the functions used here declared, or None if it is missing."""
+    lib_dir = ggml_lib_dir()
+    if lib_dir is None:
+        return None
     try:
         libs = {k: C.CDLL(str(lib_dir / f"libggml-{k}.so"), mode=C.RTLD_GLOBAL) for k in ("base", "cpu")}
     except OSError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from dsrun.gguf_file import GGUFFile
+from dsrun.models.gguf_matrix import GGUFMatrix
 from dsrun.models.moe import MoEFFN
 
 from .cpu_experts import CPUExperts, make_backend
@@ -25,13 +26,13 @@ class PlacedExperts:
 
 
 def model_tensors(obj, seen: set[int] | None = None):
-    """Every weight tensor a model object holds (blocks, their parts, lists of them), each once; the
+    """Every weight (tensor or GGUF matrix) a model object holds (blocks, their parts, lists of them), each once; the
     placed experts are the Offload's and are not walked."""
     seen = set() if seen is None else seen
     if id(obj) in seen or isinstance(obj, (PlacedExperts, Offload)):
         return
     seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, (torch.Tensor, GGUFMatrix)):
         yield obj
     elif isinstance(obj, (list, tuple)):
         for item in obj:
@@ -46,7 +47,7 @@ def weight_bytes_by_device(model) -> dict[str, int]:
     out: dict[str, int] = {}
     for t in model_tensors(model):
         key = "cpu" if t.device.type == "cpu" else str(t.device)
-        out[key] = out.get(key, 0) + t.numel() * t.element_size()
+        out[key] = out.get(key, 0) + t.nbytes
     return out
 
 

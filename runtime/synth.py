@@ -48,7 +48,6 @@ cannot flip a routing decision, as it can with soft routers' close calls.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import math
 import os
 import time
@@ -253,10 +252,12 @@ PRESETS: dict[str, dict] = {
 
 
 def _ggml_base() -> ctypes.CDLL:
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
+    from dsrun.offload.backend_ggml import ggml_lib_dir
+
+    lib_dir = ggml_lib_dir()
+    if lib_dir is None:
         raise InvalidRequestError("quantized synth models need llama-cpp-python (its libggml-base)")
-    lib = ctypes.CDLL(str(Path(next(iter(spec.submodule_search_locations))) / "lib" / "libggml-base.so"))
+    lib = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [
         ctypes.c_int,
