@@ -26,8 +26,8 @@ class PlacedExperts:
 
 
 def model_tensors(obj, seen: set[int] | None = None):
-    """Every weight (tensor or GGUF matrix) a model object holds (blocks, their parts, lists of them), each once; the
-    placed experts are the Offload's and are not walked."""
+    """Every weight (tensor or GGUF matrix) a model object holds (blocks, their parts, lists of them),
+    each once; the placed experts are the Offload's and are not walked."""
     seen = set() if seen is None else seen
     if id(obj) in seen or isinstance(obj, (PlacedExperts, Offload)):
         return
