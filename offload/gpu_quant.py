@@ -246,13 +246,19 @@ def matrix_nbytes(qtype: GGMLQuantizationType, n_out: int, n_in: int) -> int:
     return n_out * (n_in // block_size) * type_size
 
 
+def pool_stride(qtype: GGMLQuantizationType, n_out: int, n_in: int) -> int:
+    """Bytes of one slot row of a pool: the matrix rounded up to POOL_ALIGN."""
+    return -(-matrix_nbytes(qtype, n_out, n_in) // POOL_ALIGN) * POOL_ALIGN
+
+
 def new_pool(
     n_slots: int, qtype: GGMLQuantizationType, n_out: int, n_in: int, device: str | torch.device
 ) -> torch.Tensor:
     """An uninitialized slot pool (n_slots, bytes) for matrices of one shape; pass `pool[s]` to the
     functions here. Fill a slot with `pool[s, :matrix_nbytes(...)].copy_(raw_bytes)`."""
-    stride = -(-matrix_nbytes(qtype, n_out, n_in) // POOL_ALIGN) * POOL_ALIGN
-    return torch.empty(n_slots, stride, dtype=torch.uint8, device=device)  # (slots, bytes)
+    return torch.empty(
+        n_slots, pool_stride(qtype, n_out, n_in), dtype=torch.uint8, device=device
+    )  # (S, bytes)
 
 
 def _flat(w: torch.Tensor, qtype: GGMLQuantizationType, n_out: int, n_in: int) -> torch.Tensor:

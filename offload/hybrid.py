@@ -10,7 +10,7 @@ from dsrun.models.gguf_matrix import GGUFMatrix
 from dsrun.models.moe import MoEFFN
 
 from .cpu_experts import CPUExperts, make_backend
-from .device_slots import DeviceExpertSlots
+from .device_slots import DeviceExpertSlots, SlotLayout
 from .placed import ExpertFile, HomeExperts, Offload
 from .planner import Plan
 
@@ -61,13 +61,6 @@ def moe_layers(model) -> dict[int, MoEFFN]:
     return found
 
 
-def slot_dtype(device: torch.device, source: ExpertFile) -> torch.dtype:
-    """bf16 on a GPU for quantized experts (half the bytes of F32, tensor cores, and far more precise than
-    the quantization); F32 for float experts, which are parity references, and on a CPU stand-in."""
-    exact = all(i.qtype.name in ("F32", "F16", "BF16") for i in source.infos.values())
-    return torch.float32 if device.type != "cuda" or exact else torch.bfloat16
-
-
 def attach_offload(
     model,
     f: GGUFFile,
@@ -76,9 +69,12 @@ def attach_offload(
     backend: CPUExperts | None = None,
     device_map: dict[str, str] | None = None,
     background: bool = True,
+    quantized_slots: bool | None = None,
 ) -> Offload | None:
     """Replace every MoE layer's experts by placed ones. `device_map` maps a planned GPU ("cuda:0") to
-    the device that holds its slots (tests map it to "cpu"). Returns None for a dense model."""
+    the device that holds its slots (tests map it to "cpu"); `quantized_slots` forces slots to keep (or
+    not) the file's quant types, by default kept on CUDA where the kernels take them. Returns None for a
+    dense model."""
     layers = moe_layers(model)
     if not layers:
         return None
@@ -92,7 +88,9 @@ def attach_offload(
         gpu = plan.layer_devices[layer]
         if gpu.startswith("cuda"):
             if gpu not in pools:
-                pools[gpu] = make_pool(plan, gpu, source, len(model.blocks), (device_map or {}).get(gpu, gpu))
+                device = torch.device((device_map or {}).get(gpu, gpu))
+                layout = SlotLayout.for_experts(source, device, quantized_slots)
+                pools[gpu] = make_pool(plan, gpu, layout, source.n_expert, len(model.blocks), device)
             slots[layer] = pools[gpu]
     offload = Offload(homes, slots, background=background)
     for layer, ffn in layers.items():
@@ -105,35 +103,20 @@ def attach_offload(
     return offload
 
 
-def make_pool(plan: Plan, gpu: str, source: ExpertFile, n_layers: int, device: str) -> DeviceExpertSlots:
+def make_pool(
+    plan: Plan, gpu: str, layout: SlotLayout, n_expert: int, n_layers: int, device: torch.device
+) -> DeviceExpertSlots:
     """As many slots as the GPU's budget holds once its resident tensors and KV cache are in.
 
-    Slots hold dequantized weights, so a slot costs more than the expert's bytes in the file (the plan
-    counts those): the pool is sized in slot bytes, and the plan's GPU experts fill it hottest first.
+    A slot may cost more than the expert's bytes in the file (the plan counts those) when it holds
+    dequantized weights: the pool is sized in slot bytes, and the plan's GPU experts fill it hottest first.
     """
     tier = plan.tier(gpu)
-    dev = torch.device(device)
-    per_slot = 3 * source.n_ff * source.n_embd * torch.finfo(slot_dtype(dev, source)).bits // 8
     free = tier.budget_bytes - tier.weight_bytes - tier.kv_bytes
-    n_slots = max(
-        1,
-        min(
-            free // per_slot,
-            sum(layer_device == gpu for layer_device in plan.layer_devices) * source.n_expert,
-        ),
-    )
+    n_slots = max(1, min(free // layout.slot_bytes(), sum(d == gpu for d in plan.layer_devices) * n_expert))
     while True:
         try:
-            return DeviceExpertSlots(
-                dev,
-                n_slots,
-                source.n_ff,
-                source.n_embd,
-                n_layers,
-                source.n_expert,
-                slot_dtype(dev, source),
-                name=gpu,
-            )
+            return DeviceExpertSlots(device, n_slots, layout, n_layers, n_expert, name=gpu)
         except torch.OutOfMemoryError:
             if n_slots == 1:
                 raise

@@ -243,10 +243,10 @@ class Offload:
                 self.promote(device_slots, layer, e)
 
     def promote(self, device_slots: DeviceExpertSlots, layer: int, e: int) -> None:
-        weights = self.homes[layer].weights(e)  # dequantized outside the lock: forward keeps running
+        parts = device_slots.fetch(self.homes[layer].source, e)  # outside the lock: forward keeps running
         try:
             with self.lock:
-                device_slots.load(layer, e, *weights)
+                device_slots.load(layer, e, parts)
         except torch.OutOfMemoryError:  # the device is fuller than its budget said: keep it on the CPU
             return
         self.counters.promotions += 1
@@ -283,7 +283,7 @@ class Offload:
                     row.append(char)
                 rows.append("".join(row))
             for p, _ in pools:
-                tiers[p.name]["experts_bytes"] = p.used_bytes()  # slots hold dequantized copies
+                tiers[p.name]["experts_bytes"] = p.used_bytes()  # a slot's bytes, dequantized or not
         for t in tiers.values():
             t["used_bytes"] = t["experts_bytes"]
         c = self.counters

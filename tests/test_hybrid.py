@@ -153,3 +153,29 @@ def test_a_recorded_profile_puts_its_hottest_experts_on_the_gpu(moe_gguf, prompt
         if (layer, e) not in pool.slot_of
     ]
     assert min(on_gpu) >= max(elsewhere)  # the GPU started with the profile's hottest experts
+
+
+def test_quantized_slots_keep_the_files_bytes_and_the_answer(tmp_path):
+    """Slots that keep Q8_0 experts as the file's bytes (what a GPU holds, 3.8x smaller than F32) give the
+    all-CPU answer; on the CPU stand-in their kernels are the torch fallback of gpu_quant."""
+    from dsrun.synth import synthesize
+
+    path = synthesize(
+        tmp_path / "q8.gguf",
+        "deepseek2",
+        weight_type="Q8_0",
+        n_layer=3,
+        n_expert=16,
+        n_expert_used=4,
+        skew=1.2,
+        locality=0.8,
+        seed=5,
+    )
+    tokens = list(range(300, 340))
+    reference, _ = logits_with(path, tokens, gpus=[])
+    options = FAKE_GPU | {"background": False, "quantized_slots": True}
+    quantized, eng = logits_with(path, tokens, gpus=[0], gpu_mem="64MiB", ram="1MiB", offload_options=options)
+    pool = next(iter(eng.offload.slots.values()))
+    assert pool.quantized and pool.slot_bytes * 3 < 3 * pool.layout.n_ff * pool.layout.n_embd * 4
+    assert eng.offload.counters.device_assignments > 0
+    assert rel_diff(quantized, reference) <= 1e-4
