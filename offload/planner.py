@@ -443,8 +443,103 @@ class Bandwidths:
     nvme: float = 3e9  # a PCIe 4 NVMe drive, sequential
 
 
-def decode_tokens_per_s(plan: Plan, bandwidths: Bandwidths) -> float:
-    """Upper bound on decode speed from memory traffic alone: each device's bytes per token at its tier's
-    bandwidth, devices one after another (layers run in order), compute and latency ignored."""
-    seconds = sum(t.read_bytes_per_token / getattr(bandwidths, t.tier) for t in plan.tiers)
-    return 1 / seconds if seconds else math.inf
+@dataclass(frozen=True)
+class DecodeCosts:
+    """What a decode step costs besides streaming its bytes at full bandwidth, measured on a machine by
+    `dsrun doctor -m MODEL` (runtime/doctor.py). An efficiency is the share of its tier's bandwidth that
+    the kernel reading those bytes reaches (its marginal rate: the kernel's fixed cost per call is in the
+    layer costs). The defaults, no loss and no fixed cost, give the memory-traffic upper bound."""
+
+    cpu_weights: float = 1.0  # dense weights in RAM: ggml's mat-vec over their GGUF blocks
+    cpu_experts: float = 1.0  # routed experts in RAM: the CPU expert backend
+    cpu_kv: float = 1.0  # the F32 KV cache in RAM: attention
+    gpu_weights: float = 1.0  # dense weights in GPU memory
+    gpu_experts: float = 1.0  # routed experts in GPU slots
+    gpu_kv: float = 1.0  # the KV cache in GPU memory
+    dense_layer_s: float = 0.0  # fixed seconds of a layer without routed experts: dispatch, per-call costs
+    moe_layer_s: float = 0.0  # of a layer with routed experts: also routing, expert calls, device syncs
+    token_s: float = 0.0  # per step besides the layers: embedding, the head's call, bookkeeping
+
+    def efficiency(self, tier: str, kind: str) -> float:
+        """kind: "weights" | "kv" | "experts"; tier: "gpu" | "ram" | "nvme"."""
+        if tier in ("gpu", "ram"):
+            return getattr(self, f"{'cpu' if tier == 'ram' else 'gpu'}_{kind}")
+        return 1.0  # the disk: its read rate is the bound
+
+
+UPPER_BOUND = DecodeCosts()
+
+
+@dataclass(frozen=True)
+class DecodeTime:
+    """Seconds of one decode step by what they are spent on."""
+
+    weights_s: float  # non-expert weights, the head included
+    kv_s: float
+    experts_s: float
+    layers_s: float  # fixed costs of the layers
+    token_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.weights_s + self.kv_s + self.experts_s + self.layers_s + self.token_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1 / self.total_s if self.total_s else math.inf
+
+    def to_json(self) -> dict:
+        parts = ("weights_s", "kv_s", "experts_s", "layers_s", "token_s", "total_s")
+        return {k: round(getattr(self, k), 6) for k in parts} | {"tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+def decode_time(
+    plan: Plan,
+    bandwidths: Bandwidths,
+    costs: DecodeCosts = UPPER_BOUND,
+    *,
+    context_tokens: int | None = None,
+) -> DecodeTime:
+    """One decode step with `context_tokens` in the KV cache (default: the context full):
+
+        sum over tiers and kinds (weights, KV cache, experts) of bytes / (bandwidth * efficiency)
+        + dense layers * dense_layer_s + MoE layers * moe_layer_s + token_s
+
+    Bytes are what the plan counts (the GGUF's tensor bytes, experts weighted by how often they are
+    routed to); devices run one after another, as layers do."""
+    sizes = plan.sizes
+    n = sizes.ctx if context_tokens is None else context_tokens
+    weights, kv = dict.fromkeys(plan.layer_devices, 0.0), dict.fromkeys(plan.layer_devices, 0.0)
+    for layer, device in zip(sizes.layers, plan.layer_devices):
+        weights[device] += layer.resident_bytes
+        kv[device] += n * layer.kv_bytes_per_token
+    weights[plan.layer_devices[-1]] += sizes.head_read_bytes
+    seconds = {"weights": 0.0, "kv": 0.0, "experts": 0.0}
+    for t in plan.tiers:
+        # the plan counts the KV cache full: what is left of its total after weights and cache are experts
+        full_kv = sizes.ctx * sum(
+            layer.kv_bytes_per_token for layer, d in zip(sizes.layers, plan.layer_devices) if d == t.device
+        )
+        read = {
+            "weights": weights.get(t.device, 0.0),
+            "kv": kv.get(t.device, 0.0),
+            "experts": max(0.0, t.read_bytes_per_token - weights.get(t.device, 0.0) - full_kv),
+        }
+        for kind, nbytes in read.items():
+            if nbytes:
+                seconds[kind] += nbytes / (getattr(bandwidths, t.tier) * costs.efficiency(t.tier, kind))
+    n_moe = sum(1 for layer in sizes.layers if layer.n_experts)
+    layers_s = (len(sizes.layers) - n_moe) * costs.dense_layer_s + n_moe * costs.moe_layer_s
+    return DecodeTime(seconds["weights"], seconds["kv"], seconds["experts"], layers_s, costs.token_s)
+
+
+def decode_tokens_per_s(
+    plan: Plan,
+    bandwidths: Bandwidths,
+    costs: DecodeCosts = UPPER_BOUND,
+    *,
+    context_tokens: int | None = None,
+) -> float:
+    """Decode tokens/s: with measured costs the expected speed, without them the upper bound from memory
+    traffic alone (each device's bytes per token at its tier's bandwidth, compute and latency ignored)."""
+    return decode_time(plan, bandwidths, costs, context_tokens=context_tokens).tokens_per_s

@@ -15,8 +15,10 @@ from dsrun.gguf_file import GGUFFile
 from dsrun.offload.planner import (
     Bandwidths,
     Budgets,
+    DecodeCosts,
     LayerSizes,
     ModelSizes,
+    decode_time,
     decode_tokens_per_s,
     layer_ranges,
     model_sizes,
@@ -191,6 +193,38 @@ def test_decode_estimate_is_bytes_per_token_over_bandwidth():
     assert p.tier("disk").read_bytes_per_token == pytest.approx(2 * 0.5 * 100)
     bandwidths = Bandwidths(gpu=1, ram=1150, nvme=100)
     assert decode_tokens_per_s(p, bandwidths) == pytest.approx(1 / (1150 / 1150 + 100 / 100))
+
+
+def test_expected_decode_time_counts_each_kind_at_its_efficiency_plus_fixed_costs():
+    sizes = moe_sizes(n_layers=2, n_experts=4, kv_per_token=10, ctx=10, dense=1)  # one dense, one MoE layer
+    p = plan(sizes, Budgets({}, ram=GIB))
+    costs = DecodeCosts(
+        cpu_weights=0.5, cpu_kv=0.25, cpu_experts=0.8, dense_layer_s=0.01, moe_layer_s=0.03, token_s=0.002
+    )
+    t = decode_time(p, Bandwidths(ram=1000), costs, context_tokens=4)
+    assert t.weights_s == pytest.approx((2 * 1000 + 50) / (1000 * 0.5))  # two layers and the head
+    assert t.kv_s == pytest.approx(2 * 4 * 10 / (1000 * 0.25))  # two layers' rows of 4 cached tokens
+    assert t.experts_s == pytest.approx(2 * 100 / (1000 * 0.8))  # two of the MoE layer's experts
+    assert t.layers_s == pytest.approx(0.01 + 0.03) and t.token_s == 0.002
+    assert t.total_s == pytest.approx(4.1 + 0.32 + 0.25 + 0.04 + 0.002)
+    assert decode_tokens_per_s(p, Bandwidths(ram=1000), costs, context_tokens=4) == pytest.approx(1 / 4.712)
+    # without costs, and the cache full, it is the plan's bytes per token over the bandwidth
+    bound = decode_time(p, Bandwidths(ram=1000))
+    assert bound.total_s == pytest.approx(p.tier("cpu").read_bytes_per_token / 1000)
+    assert bound.kv_s == pytest.approx(2 * 10 * 10 / 1000) and bound.layers_s == 0
+
+
+def test_expected_decode_time_on_gpu_ram_and_disk():
+    sizes = moe_sizes(n_layers=1, n_experts=4, kv_per_token=0)
+    # the layer and two experts on the GPU, one expert in RAM, one on disk
+    p = plan(sizes, Budgets({"cuda:0": 1100 + 2 * 100}, ram=100))
+    assert [p.tier(d).experts for d in ("cuda:0", "cpu", "disk")] == [2, 1, 1]
+    costs = DecodeCosts(gpu_weights=0.5, gpu_experts=0.8, cpu_weights=0.1, cpu_experts=0.25, moe_layer_s=1.0)
+    t = decode_time(p, Bandwidths(gpu=2000, ram=100, nvme=10), costs)
+    assert t.weights_s == pytest.approx(1050 / (2000 * 0.5))  # the RAM's efficiency for weights is unused
+    # each expert is routed to half the time (two of four): GPU 2 x 50 bytes, RAM 50, disk 50 at its rate
+    assert t.experts_s == pytest.approx(100 / (2000 * 0.8) + 50 / (100 * 0.25) + 50 / 10)
+    assert t.layers_s == 1.0 and t.kv_s == 0
 
 
 # --- activation profiles ----------------------------------------------------------------------------------
