@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
+from pathlib import Path
 
 import psutil
 from rich import box
@@ -21,8 +24,9 @@ from .gguf_file import GGUFFile
 from .offload.planner import (
     Bandwidths,
     Budgets,
+    DecodeCosts,
     Plan,
-    decode_tokens_per_s,
+    decode_time,
     format_size,
     layer_ranges,
     model_sizes,
@@ -33,6 +37,7 @@ from .offload.planner import (
 from .offload.profile import read_profile
 
 GIB = 1 << 30
+COSTS_FILE = "decode-costs.json"  # in the cache dir: what `dsrun doctor -m` measured, per model and setting
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,18 +57,16 @@ def run(args) -> int:
     p = plan_model(
         args.model, ctx=args.ctx, gpus=args.gpus, gpu_mem=args.gpu_mem, ram=args.ram, placement=args.placement
     )
+    remembered = remembered_costs(resolve_model(args.model), p, args.threads)
+    measured_bw, costs = remembered if remembered else (Bandwidths(), None)
     given = {"gpu": args.gpu_bw, "ram": args.ram_bw, "nvme": args.disk_bw}
-    bandwidths = Bandwidths(**{tier: parse_size(v) for tier, v in given.items() if v is not None})
+    bandwidths = dataclasses.replace(
+        measured_bw, **{tier: parse_size(v) for tier, v in given.items() if v is not None}
+    )
     if args.json:
-        print_json(
-            p.to_json()
-            | {
-                "decode_tokens_per_s": round(decode_tokens_per_s(p, bandwidths), 2),
-                "bandwidths": dataclasses.asdict(bandwidths),
-            }
-        )
+        print_json(p.to_json() | decode_json(p, bandwidths, costs))
     else:
-        print_plan(p, bandwidths)
+        print_plan(p, bandwidths, costs=costs)
     return 0
 
 
@@ -149,7 +152,9 @@ def format_rate(bytes_per_s: float) -> str:
     return f"{bytes_per_s / 1e9:.1f} GB/s"
 
 
-def print_plan(p: Plan, bandwidths: Bandwidths, console: Console | None = None) -> None:
+def print_plan(
+    p: Plan, bandwidths: Bandwidths, console: Console | None = None, costs: DecodeCosts | None = None
+) -> None:
     console = console or Console()
     console.print(model_needs(p))
     console.print(placement_table(p))
@@ -160,12 +165,7 @@ def print_plan(p: Plan, bandwidths: Bandwidths, console: Console | None = None) 
             f"[yellow]does not fit GPU memory and RAM[/]: {format_size(p.nvme_bytes)} of experts "
             "will be read from the model file on disk"
         )
-    tps = decode_tokens_per_s(p, bandwidths)
-    console.print(
-        f"expected decode: at most {tps:.1f} tokens/s from memory traffic alone with the KV cache full "
-        f"(GPU {format_rate(bandwidths.gpu)}, RAM {format_rate(bandwidths.ram)}, "
-        f"disk {format_rate(bandwidths.nvme)})"
-    )
+    console.print(decode_line(p, bandwidths, costs))
     for note in p.notes:
         console.print(f"note: {note}")
 
@@ -212,3 +212,87 @@ def placement_table(p: Plan) -> Table:
             format_size(t.read_bytes_per_token),
         )
     return table
+
+
+# --- decode speed: the upper bound, and the speed expected from what `dsrun doctor -m` measured ----------
+
+
+def decode_line(
+    p: Plan, bandwidths: Bandwidths, costs: DecodeCosts | None, context_tokens: int | None = None
+) -> str:
+    bound = decode_time(p, bandwidths, context_tokens=context_tokens)
+    where = ", ".join(
+        f"{name} {format_rate(bw)}"
+        for name, bw in (("GPU", bandwidths.gpu), ("RAM", bandwidths.ram), ("disk", bandwidths.nvme))
+    )
+    cache = "the KV cache full" if context_tokens is None else f"{context_tokens} tokens cached"
+    if costs is None:
+        return (
+            f"expected decode: at most {bound.tokens_per_s:.1f} tokens/s from memory traffic alone with "
+            f"{cache} ({where}); `dsrun doctor -m MODEL` measures what this machine reaches"
+        )
+    t = decode_time(p, bandwidths, costs, context_tokens=context_tokens)
+    ms = {k: 1e3 * v for k, v in dataclasses.asdict(t).items()}
+    return (
+        f"expected decode ≈ {t.tokens_per_s:.1f} tok/s (at most {bound.tokens_per_s:.1f}) "
+        f"with {cache}: per token {ms['weights_s']:.1f} ms weights, {ms['kv_s']:.1f} ms KV cache, "
+        f"{ms['experts_s']:.1f} ms experts, "
+        f"{ms['layers_s'] + ms['token_s']:.1f} ms fixed costs of the layers and step ({where})"
+    )
+
+
+def decode_json(
+    p: Plan, bandwidths: Bandwidths, costs: DecodeCosts | None, context_tokens: int | None = None
+) -> dict:
+    expected = None if costs is None else decode_time(p, bandwidths, costs, context_tokens=context_tokens)
+    return {
+        "decode_expected_tokens_per_s": None if expected is None else round(expected.tokens_per_s, 2),
+        "decode_at_most_tokens_per_s": round(
+            decode_time(p, bandwidths, context_tokens=context_tokens).tokens_per_s, 2
+        ),
+        "decode_seconds": None if expected is None else expected.to_json(),
+        "decode_costs": None if costs is None else dataclasses.asdict(costs),
+        "bandwidths": dataclasses.asdict(bandwidths),
+    }
+
+
+def costs_key(path: Path, p: Plan, threads: int | None) -> str:
+    """Measured costs hold for one model file, context, thread count, and layers on the CPU or on GPUs."""
+    from .engine import default_threads
+    from .offload.shards import model_key
+
+    where = "gpu" if any(d.startswith("cuda") for d in p.layer_devices) else "cpu"
+    return f"{model_key(path)}/ctx{p.sizes.ctx}/t{threads or default_threads()}/{where}"
+
+
+def remember_costs(
+    path: Path, p: Plan, threads: int | None, bandwidths: Bandwidths, costs: DecodeCosts, details: dict
+) -> None:
+    from .offload.shards import cache_root
+
+    file = cache_root() / COSTS_FILE
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    saved[costs_key(path, p, threads)] = {
+        "model": path.name,
+        "bandwidths": dataclasses.asdict(bandwidths),
+        "costs": dataclasses.asdict(costs),
+        "details": details,
+    }
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(saved, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, file)
+
+
+def remembered_costs(path: Path, p: Plan, threads: int | None) -> tuple[Bandwidths, DecodeCosts] | None:
+    """The bandwidths and costs `dsrun doctor -m` measured for this model and setting, if it has."""
+    from .offload.shards import cache_root
+
+    try:
+        saved = json.loads((cache_root() / COSTS_FILE).read_text())[costs_key(path, p, threads)]
+        return Bandwidths(**saved["bandwidths"]), DecodeCosts(**saved["costs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

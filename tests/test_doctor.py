@@ -9,6 +9,10 @@ import pytest
 
 from dsrun import doctor
 from dsrun.cli import main
+from dsrun.gguf_file import GGUFFile
+from dsrun.offload.planner import Bandwidths, DecodeCosts
+from dsrun.plan import plan_model
+from dsrun.synth import synthesize
 
 
 def test_doctor_json_reports_this_machine_and_plans_the_default_model(capsys):
@@ -24,8 +28,17 @@ def test_doctor_json_reports_this_machine_and_plans_the_default_model(capsys):
     assert report["backends"]["torch"]["available"]
     verdict = report["plan"]
     assert verdict["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and verdict["fits"]
-    assert verdict["decode_tokens_per_s"] > 0
     assert "placement" not in verdict
+    assert verdict["decode_at_most_tokens_per_s"] > verdict["decode_expected_tokens_per_s"] > 0
+    costs, measured = verdict["decode_costs"], verdict["decode_measurements"]
+    assert 0 < costs["cpu_weights"] <= 1 and 0 < costs["cpu_kv"] <= 1 and costs["cpu_experts"] == 1
+    assert costs["dense_layer_s"] > 0 and costs["moe_layer_s"] == 0  # a dense model
+    assert set(measured["cpu_weights"]) >= {"Q4_1"} and measured["layers"]["stand_in"].startswith("llama-")
+    # `dsrun plan` expects the same speed from what the doctor measured and remembered
+    assert main(["plan", "-m", "default", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["decode_expected_tokens_per_s"] == verdict["decode_expected_tokens_per_s"]
+    assert planned["decode_costs"] == costs
 
 
 def test_doctor_prints_a_report(capsys):
@@ -82,6 +95,42 @@ def test_disk_read_bandwidth_of_a_file(tmp_path: Path):
     path = tmp_path / "blob"
     path.write_bytes(b"\1" * (20 << 20))
     assert doctor.disk_read_bandwidth(path) > 0
+
+
+def test_stand_in_of_a_moe_model_and_its_layer_costs(tmp_path: Path):
+    """The stand-in keeps what decides a layer's fixed cost (architecture, layer kinds, experts, top-k,
+    routing, quant type) at a tiny width; its MoE layers cost more than its dense one."""
+    path = synthesize(
+        tmp_path / "v3ish.gguf",
+        "deepseek2",
+        weight_type="Q8_0",
+        n_layer=4,
+        n_dense_lead=2,
+        n_expert=16,
+        n_expert_used=3,
+        q_lora_rank=32,
+        gating="sigmoid",
+        n_group=4,
+        topk_group=2,
+    )
+    f = GGUFFile(path)
+    spec = doctor.stand_in_spec(f)
+    assert (
+        spec["arch"] == "deepseek2" and spec["weight_type"] == "Q8_0" and spec["n_embd"] == doctor.TINY_WIDTH
+    )
+    assert (spec["n_layer"], spec["n_dense_lead"], spec["n_expert"], spec["n_expert_used"]) == (2, 1, 16, 3)
+    assert (spec["gating"], spec["n_group"], spec["topk_group"], spec["q_lora_rank"] > 0) == (
+        "sigmoid",
+        4,
+        2,
+        True,
+    )
+    p = plan_model(path, gpus="none")
+    fixed, details = doctor.fixed_costs(f, p, DecodeCosts(), Bandwidths(), 1, "dequant")
+    f.close()
+    assert fixed["moe_layer_s"] > fixed["dense_layer_s"] > 0 and fixed["token_s"] >= 0
+    assert details["stand_in"].startswith("deepseek2-")
+    assert doctor.stand_in_model(GGUFFile(path)).name == details["stand_in"]  # made once, then reused
 
 
 @pytest.mark.gpu
