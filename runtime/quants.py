@@ -503,6 +503,27 @@ def random_blocks(qtype: GGMLQuantizationType, n_blocks: int, seed: int = 0) -> 
     return blocks
 
 
+# Standard deviation of a block's dequantized weights per unit of its scale d, for uniformly random bits:
+# Q8_0: int8 codes; Q4_K: (sc * q - 7.5 * m) with 6-bit sc, m and 4-bit q (dmin = 7.5 d centres it).
+_RANDOM_WEIGHT_SPREAD = {Q.Q8_0: 73.9, Q.Q4_K: 258.3}
+
+
+def random_weight_blocks(qtype: GGMLQuantizationType, n_blocks: int, std: float, rng) -> np.ndarray:
+    """Blocks (B, type_size) of random weights with about `std` spread, written as bits directly: a
+    real-shaped file's experts in seconds, where quantizing floats takes minutes (dsrun synth)."""
+    if qtype not in _RANDOM_WEIGHT_SPREAD:
+        raise UnsupportedModelError(
+            f"random weight blocks are made for {', '.join(q.name for q in _RANDOM_WEIGHT_SPREAD)}"
+        )
+    type_size = GGML_QUANT_SIZES[qtype][1]
+    blocks = rng.integers(0, 256, (n_blocks, type_size), dtype=np.uint8)
+    d = (std / _RANDOM_WEIGHT_SPREAD[qtype] * rng.uniform(0.8, 1.2, n_blocks)).astype(np.float16)  # (B,)
+    blocks[:, 0:2] = d.view(np.uint8).reshape(n_blocks, 2)
+    if qtype == Q.Q4_K:
+        blocks[:, 2:4] = (7.5 * d.astype(np.float32)).astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+    return blocks
+
+
 def dequant_speed(qtype: GGMLQuantizationType, nbytes: int = 16 << 20, *, repeat: int = 3) -> float:
     """Measured dequantization speed in MB/s of input (best of `repeat`) on random valid blocks."""
     block_size, type_size = GGML_QUANT_SIZES[qtype]

@@ -61,6 +61,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType
 
 from .errors import InvalidRequestError
+from .quants import random_weight_blocks
 
 Q = GGMLQuantizationType
 ARCHS = ("deepseek2", "qwen3moe", "qwen2moe", "mixtral")
@@ -627,9 +628,10 @@ def _set_cols(base: Fill, values: dict[int, float]) -> Fill:
 class Streamed:
     """One tensor produced chunk by chunk: GGUFWriter.write_tensor_data needs only nbytes and tofile()."""
 
-    def __init__(self, t: Planned, qtype: GGMLQuantizationType, g: Generator):
+    def __init__(self, t: Planned, qtype: GGMLQuantizationType, g: Generator, random_blocks: bool = False):
         self.t, self.qtype, self.g = t, qtype, g
         self.nbytes = nbytes(t.shape, qtype)
+        self.random_blocks = random_blocks  # bits drawn directly, at the fill's 1/sqrt(fan-in) spread
 
     def chunks(self) -> Iterator[np.ndarray]:
         cols = self.t.shape[-1]
@@ -637,7 +639,12 @@ class Streamed:
         step = max(1, CHUNK_FLOATS // cols)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            yield encode(self.t.fill(self.g.rng(self.t.name, r0), r0, r1, cols), self.qtype)
+            rng = self.g.rng(self.t.name, r0)
+            if self.random_blocks:
+                n_blocks = (r1 - r0) * cols // GGML_QUANT_SIZES[self.qtype][0]
+                yield random_weight_blocks(self.qtype, n_blocks, 1 / math.sqrt(cols), rng).reshape(-1)
+            else:
+                yield encode(self.t.fill(rng, r0, r1, cols), self.qtype)
 
     def tofile(self, fp) -> None:
         for chunk in self.chunks():
@@ -764,6 +771,7 @@ def synthesize(
     skew: float = 0.0,
     locality: float = 0.0,
     seed: int = 0,
+    random_expert_blocks: bool = False,
     **dims,
 ) -> Path:
     """Write a random-weight MoE GGUF of `arch` (or the preset's) to `path`; see the module docstring.
@@ -771,7 +779,9 @@ def synthesize(
     `dims` override Spec fields (n_layer, n_embd, n_expert, mla_layout, gating, ...). `router` is
     "soft" (continuous, context-dependent routing) or "hash" (each token id has its own experts, chosen
     by a wide margin). `skew` is the Zipf exponent of expert popularity (0 = uniform); `locality` in
-    [0, 1] how much consecutive tokens share experts (soft routers only).
+    [0, 1] how much consecutive tokens share experts (soft routers only). `random_expert_blocks` writes
+    routed experts (Q4_K or Q8_0) as random bits at the same spread instead of quantizing floats: a
+    real-shaped benchmark file in a minute instead of an hour; routing, set by the routers, is unchanged.
     """
     spec = make_spec(arch, preset=preset, **dims)
     if weight_type not in WEIGHT_TYPES:
@@ -782,7 +792,10 @@ def synthesize(
         raise InvalidRequestError("router is 'soft' or 'hash', and locality applies to soft routers only")
     qtype = WEIGHT_TYPES[weight_type][0]
     g = Generator(spec, router, skew, locality, seed, len(_vocab_tokens()))
-    tensors = [Streamed(t, tensor_type(t.name, t.shape, qtype), g) for t in plan(spec, g)]
+    tensors = [
+        Streamed(t, tensor_type(t.name, t.shape, qtype), g, random_expert_blocks and "_exps." in t.name)
+        for t in plan(spec, g)
+    ]
     path = Path(path)
     w = GGUFWriter(str(path), GGUF_ARCH.get(spec.arch, spec.arch))
     _write_metadata(w, spec, weight_type)
@@ -807,6 +820,11 @@ def add_arguments(p) -> None:
     p.add_argument("--layers", type=int, default=None, help="number of layers (n_layer)")
     p.add_argument("--type", default="F32", choices=list(WEIGHT_TYPES), help="weight type")
     p.add_argument("--router", choices=("soft", "hash"), default="soft", help="routing structure")
+    p.add_argument(
+        "--random-expert-blocks",
+        action="store_true",
+        help="write routed experts (Q4_K/Q8_0) as random bits, not quantized floats: big files fast",
+    )
     p.add_argument("--skew", type=float, default=0.0, help="Zipf exponent of expert popularity (0 = uniform)")
     p.add_argument("--locality", type=float, default=0.0, help="0..1: consecutive tokens sharing experts")
     p.add_argument("--seed", type=int, default=0)
@@ -848,6 +866,7 @@ def run(args) -> int:
         skew=args.skew,
         locality=args.locality,
         seed=args.seed,
+        random_expert_blocks=args.random_expert_blocks,
         **overrides,
     )
     size = path.stat().st_size

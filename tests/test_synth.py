@@ -109,6 +109,29 @@ def test_quantized_bytes_are_ggmls_own(tmp_path):
     assert (np.abs(values - exact.data).reshape(-1, 32) <= step[:, None] * 0.6).all()
 
 
+@pytest.mark.parametrize("weight_type", ["Q4_K", "Q8_0"])
+def test_random_expert_blocks_have_the_fills_spread(tmp_path, weight_type):
+    """Experts written as random bits decode to zero-centred weights at 1/sqrt(fan-in), like the quantized
+    fill; the other tensors are still quantized from floats (same bytes as without the option)."""
+    from dsrun.quants import dequantize
+
+    spec = dict(TINY, n_embd=256, n_ff_exp=256)
+    fast = GGUFFile(
+        synthesize(
+            tmp_path / "r.gguf", "deepseek2", weight_type=weight_type, random_expert_blocks=True, **spec
+        )
+    )
+    slow = GGUFFile(synthesize(tmp_path / "q.gguf", "deepseek2", weight_type=weight_type, **spec))
+    for name in ("blk.1.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight"):
+        t = fast.tensors[name]
+        values = dequantize(t.data, t.qtype, t.shape).numpy()
+        assert abs(values.std() * np.sqrt(t.shape[-1]) - 1) < 0.1 and abs(values.mean()) < 0.1 * values.std()
+        assert not np.array_equal(t.data, slow.tensors[name].data)
+    assert np.array_equal(
+        fast.tensors["blk.1.attn_output.weight"].data, slow.tensors["blk.1.attn_output.weight"].data
+    )
+
+
 def test_streams_in_bounded_chunks(tmp_path, monkeypatch):
     """A tensor never passes through memory whole: with a 4096-float chunk, every encoded piece is small."""
     sizes = []
