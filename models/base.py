@@ -149,8 +149,9 @@ def load_linear(f: GGUFFile, name: str) -> torch.Tensor | GGUFMatrix:
     return load_weight(f, name) if matrix is None else matrix
 
 
-def embed(table: torch.Tensor | GGUFMatrix, tokens: torch.Tensor) -> torch.Tensor:
-    return table.rows(tokens) if isinstance(table, GGUFMatrix) else table[tokens]  # (T, D)
+def embed(table, tokens: torch.Tensor) -> torch.Tensor:
+    """Rows of a float table, or of a quantized one (GGUFMatrix, DeviceMatrix): (T, D)."""
+    return table[tokens] if isinstance(table, torch.Tensor) else table.rows(tokens)
 
 
 def maybe_weight(f: GGUFFile, name: str) -> torch.Tensor | None:

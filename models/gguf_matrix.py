@@ -79,15 +79,46 @@ class GGUFMatrix:
         raw = self.data.reshape(N, K // block * type_size)[ids.cpu().numpy()]  # (T, row bytes)
         return dequantize(raw, self.info.qtype, (len(raw), K), name=self.info.name)
 
-    def to(self, device) -> GGUFMatrix | torch.Tensor:
-        """Itself on the CPU; a float32 copy on a GPU (where torch's kernels run it)."""
+    def to(self, device) -> GGUFMatrix | DeviceMatrix | torch.Tensor:
+        """Itself on the CPU; on a GPU its bytes where gpu_quant's kernels take the type (what the plan
+        counts), else a float32 copy."""
+        from dsrun.offload import gpu_quant
+
         device = torch.device(device)
-        return self if device.type == "cpu" else self.dequantize().to(device)
+        if device.type == "cpu":
+            return self
+        if self.info.qtype in gpu_quant.QUANT_TYPES:
+            return DeviceMatrix(self, device)
+        return self.dequantize().to(device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return run_graph("linear", [self], x, lambda lib, ctx, xt: [lib.ggml_mul_mat(ctx, self.tensor, xt)])[
             0
         ]
+
+
+class DeviceMatrix:
+    """A GGUFMatrix's bytes on a GPU, multiplied there by gpu_quant's kernels: no float copy."""
+
+    def __init__(self, m: GGUFMatrix, device: torch.device):
+        self.qtype, self.shape, self.device = m.info.qtype, m.shape, device
+        self.data = torch.from_numpy(np.array(m.data)).view(-1).to(device)  # (bytes,)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from dsrun.offload.gpu_quant import quantized_matmul
+
+        return quantized_matmul(x, self.data, self.qtype, *self.shape)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        from dsrun.offload.gpu_quant import dequantize_gpu
+
+        N, K = self.shape
+        raw = self.data.view(N, -1)[ids.to(self.device)]  # (T, row bytes)
+        return dequantize_gpu(raw.contiguous(), self.qtype, len(raw), K, dtype=torch.float32)  # (T, K)
 
 
 def load_matrix(info: TensorInfo) -> GGUFMatrix | None:
@@ -164,11 +195,11 @@ def run_graph(
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | GGUFMatrix, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ bias) for a float tensor or a GGUFMatrix."""
-    if isinstance(w, GGUFMatrix):
-        y = w(x)
-        return y if bias is None else y + bias
-    return F.linear(x, w, bias)
+    """x @ w.T (+ bias) for a float tensor, a GGUFMatrix or a DeviceMatrix."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    y = w(x)
+    return y if bias is None else y + bias
 
 
 def linears(x: torch.Tensor, weights: Sequence[torch.Tensor | GGUFMatrix]) -> list[torch.Tensor]:

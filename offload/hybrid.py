@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from dsrun.gguf_file import GGUFFile
-from dsrun.models.gguf_matrix import GGUFMatrix
+from dsrun.models.gguf_matrix import DeviceMatrix, GGUFMatrix
 from dsrun.models.moe import MoEFFN
 
 from .cpu_experts import CPUExperts, make_backend
@@ -32,7 +32,7 @@ def model_tensors(obj, seen: set[int] | None = None):
     if id(obj) in seen or isinstance(obj, (PlacedExperts, Offload)):
         return
     seen.add(id(obj))
-    if isinstance(obj, (torch.Tensor, GGUFMatrix)):
+    if isinstance(obj, (torch.Tensor, GGUFMatrix, DeviceMatrix)):
         yield obj
     elif isinstance(obj, (list, tuple)):
         for item in obj:

@@ -1,0 +1,70 @@
+"""Dense projections left quantized: ggml's kernels (GGUFMatrix) and gpu_quant's (DeviceMatrix, here on
+the CPU through its torch fallback) against the dequantized float32 reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from dsrun.gguf_file import TensorInfo
+from dsrun.models import gguf_matrix as gm
+from dsrun.quants import random_weight_blocks
+
+pytestmark = pytest.mark.skipif(not gm.available(), reason="llama-cpp-python's libggml is missing")
+
+
+def matrix(qtype: Q, n: int, k: int, seed: int = 0) -> gm.GGUFMatrix:
+    blocks = random_weight_blocks(
+        qtype, n * k // (256 if qtype == Q.Q4_K else 32), 0.05, np.random.default_rng(seed)
+    )
+    return gm.GGUFMatrix(TensorInfo(f"w{seed}", qtype, (n, k), blocks.reshape(n, -1), Path("-"), 0))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K])
+@pytest.mark.parametrize("rows", [1, 5, 12])
+def test_ggml_projection_matches_the_dequantized_weights(qtype, rows):
+    """Within the rounding of the activations to Q8 (what llama.cpp does), for reused and fresh graphs."""
+    m = matrix(qtype, 96, 512)
+    x = torch.randn(rows, 512)
+    ref = x @ m.dequantize().T
+    assert rel(m(x), ref) < 2e-2
+    assert torch.equal(m(x), m(x))  # a kept graph gives the same answer twice
+    assert (rows <= gm.REUSED_ROWS) == any(key[2] == rows for key in m.graphs)
+
+
+def test_fused_graphs_equal_one_matrix_at_a_time():
+    gate, up, down = matrix(Q.Q4_K, 256, 512, 1), matrix(Q.Q4_K, 256, 512, 2), matrix(Q.Q4_K, 512, 256, 3)
+    x = torch.randn(3, 512)
+    together = gm.linears(x, [gate, up])
+    assert torch.equal(together[0], gate(x)) and torch.equal(together[1], up(x))
+    fused = gm.swiglu(x, gate, up, down)
+    unfused = down(torch.nn.functional.silu(gate(x)) * up(x))
+    assert rel(fused, unfused) < 2e-2  # the fused graph quantizes ggml's own f32 activation once more
+
+
+def test_embedding_rows_and_the_device_copy():
+    m = matrix(Q.Q4_K, 64, 256)
+    ids = torch.tensor([5, 0, 63])
+    full = m.dequantize()
+    assert torch.equal(m.rows(ids), full[ids])
+    on_device = gm.DeviceMatrix(m, torch.device("cpu"))  # the GPU path, on gpu_quant's torch fallback
+    assert on_device.nbytes == m.nbytes and torch.equal(on_device.rows(ids), full[ids])
+    x = torch.randn(2, 256)
+    assert rel(gm.linear(x, on_device), x @ full.T) < 1e-5
+
+
+def test_float_types_and_the_exact_switch_stay_on_torch(monkeypatch):
+    f32 = TensorInfo("f", Q.F32, (4, 32), np.zeros((4, 32), np.float32), Path("-"), 0)
+    assert gm.load_matrix(f32) is None
+    q = matrix(Q.Q8_0, 4, 32)
+    assert gm.load_matrix(q.info) is not None
+    monkeypatch.setenv("DSRUN_DENSE", "torch")
+    assert gm.load_matrix(q.info) is None
