@@ -2,6 +2,8 @@
 
 Each side runs in its own subprocess on the same token ids and thread count, so peak RSS is its own and
 neither warms the other's page cache more than the first does (the file is read once before both).
+After them, the decode speed `dsrun doctor -m` expects for the same setting is measured and printed
+beside dsrun's (planner.decode_time; measured / predicted is the model's error on this machine).
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for prefill")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded one at a time")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp baseline")
+    p.add_argument(
+        "--no-predict",
+        action="store_true",
+        help="skip the decode speed predicted from this machine's measurements (dsrun doctor -m)",
+    )
     p.add_argument("--dequant", action="store_true", help="also measure dequantization MB/s per quant type")
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", choices=["dsrun", "llama.cpp"], help=argparse.SUPPRESS)
@@ -52,7 +59,14 @@ def worker_dsrun(args, prompt: list[int], decode: list[int]) -> dict:
 
     t0 = time.perf_counter()
     eng = dsrun.load(
-        args.model, ctx=args.ctx, threads=args.threads, gpus=args.gpus, gpu_mem=args.gpu_mem, ram=args.ram
+        args.model,
+        ctx=args.ctx,
+        threads=args.threads,
+        gpus=args.gpus,
+        gpu_mem=args.gpu_mem,
+        ram=args.ram,
+        placement=args.placement,
+        cpu_backend=args.cpu_backend,
     )
     load_s = time.perf_counter() - t0
     cache = eng.model.new_cache()
@@ -120,7 +134,13 @@ def spawn(args, side: str, prompt: list[int], decode: list[int]) -> dict:
     ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    for flag, value in (("--gpus", args.gpus), ("--gpu-mem", args.gpu_mem), ("--ram", args.ram)):
+    for flag, value in (
+        ("--gpus", args.gpus),
+        ("--gpu-mem", args.gpu_mem),
+        ("--ram", args.ram),
+        ("--placement", args.placement),
+        ("--cpu-backend", args.cpu_backend),
+    ):
         if value is not None:
             cmd += [flag, str(value)]
     proc = subprocess.run(
@@ -154,6 +174,8 @@ def run(args) -> int:
         results["ratio"] = {
             k: round(ours[k] / ref[k], 3) for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_mib")
         }
+    if not args.no_predict:
+        results["prediction"] = predict(args, len(prompt), len(decode), results["dsrun"]["decode_tok_s"])
     if args.dequant:
         results["dequant_mb_s"] = dequant_speeds()
     report = {"model": str(args.model), "prompt_tokens": len(prompt), "decode_tokens": len(decode), **results}
@@ -162,6 +184,38 @@ def run(args) -> int:
     else:
         print_report(report)
     return 0
+
+
+def predict(args, n_prompt: int, n_decode: int, measured: float) -> dict:
+    """The decode speed `dsrun doctor -m` would expect for this run (the same plan, threads and backend, the
+    cache holding the prompt and half the decoded tokens on average), measured here after the runs."""
+    import dataclasses
+
+    from .doctor import decode_costs, plan_bandwidths
+    from .engine import resolve_model
+    from .offload.planner import decode_time
+    from .plan import plan_model
+
+    path = resolve_model(args.model)
+    p = plan_model(
+        path, ctx=args.ctx, gpus=args.gpus, gpu_mem=args.gpu_mem, ram=args.ram, placement=args.placement
+    )
+    bandwidths = plan_bandwidths(p, path)
+    context = n_prompt + n_decode // 2
+    costs, details = decode_costs(
+        path, p, bandwidths, context=context, threads=args.threads, cpu_backend=args.cpu_backend
+    )
+    expected = decode_time(p, bandwidths, costs, context_tokens=context)
+    return {
+        "decode_tok_s": round(expected.tokens_per_s, 2),
+        "at_most_tok_s": round(decode_time(p, bandwidths, context_tokens=context).tokens_per_s, 2),
+        "measured_over_predicted": round(measured / expected.tokens_per_s, 3),
+        "context_tokens": context,
+        "seconds": expected.to_json(),
+        "costs": dataclasses.asdict(costs),
+        "bandwidths": dataclasses.asdict(bandwidths),
+        "measurements": details,
+    }
 
 
 def dequant_speeds() -> dict:
@@ -183,6 +237,16 @@ def print_report(report: dict) -> None:
         table.add_row(key, *[str(report[s].get(key, "")) for s in sides])
     console = Console()
     console.print(table)
+    if "prediction" in report:
+        pr = report["prediction"]
+        ms = {k: 1e3 * v for k, v in pr["seconds"].items() if k.endswith("_s")}
+        console.print(
+            f"predicted decode ≈ {pr['decode_tok_s']} tok/s (at most {pr['at_most_tok_s']}), measured "
+            f"{report['dsrun']['decode_tok_s']}: measured / predicted = {pr['measured_over_predicted']}\n"
+            f"  per token: {ms['weights_s']:.2f} ms weights, {ms['kv_s']:.2f} ms KV cache, "
+            f"{ms['experts_s']:.2f} ms experts, {ms['layers_s']:.2f} ms layers' fixed costs, "
+            f"{ms['token_s']:.2f} ms the step's ({pr['context_tokens']} tokens cached)"
+        )
     if "dequant_mb_s" in report:
         dq = Table(title="dequantization, MB/s of GGUF data")
         dq.add_column("type")

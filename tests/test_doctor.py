@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from dsrun import doctor
+from dsrun import bench, doctor
 from dsrun.cli import main
 from dsrun.gguf_file import GGUFFile
 from dsrun.offload.planner import Bandwidths, DecodeCosts
@@ -131,6 +132,25 @@ def test_stand_in_of_a_moe_model_and_its_layer_costs(tmp_path: Path):
     assert fixed["moe_layer_s"] > fixed["dense_layer_s"] > 0 and fixed["token_s"] >= 0
     assert details["stand_in"].startswith("deepseek2-")
     assert doctor.stand_in_model(GGUFFile(path)).name == details["stand_in"]  # made once, then reused
+
+
+def test_bench_prediction_for_its_setting():
+    """`dsrun bench` predicts for its own thread count and cache length, and divides the measured speed."""
+    args = argparse.Namespace(
+        model="default",
+        ctx=256,
+        threads=1,
+        gpus="none",
+        gpu_mem=None,
+        ram=None,
+        placement=None,
+        cpu_backend=None,
+    )
+    pr = bench.predict(args, 32, 16, measured=10.0)
+    assert pr["context_tokens"] == 40 and pr["measurements"]["threads"] == 1
+    assert pr["at_most_tok_s"] > pr["decode_tok_s"] > 0
+    assert pr["measured_over_predicted"] == pytest.approx(10.0 / pr["decode_tok_s"], rel=0.01)
+    assert pr["seconds"]["total_s"] == pytest.approx(1 / pr["decode_tok_s"], rel=0.01)
 
 
 @pytest.mark.gpu
