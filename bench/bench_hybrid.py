@@ -2,18 +2,26 @@
 `--n-cpu-moe N` (the last layers' experts on the GPU, as many whole layers as fit, never moving), and
 (c) dsrun's planner with the hot-expert cache, on skewed and on uniform routing.
 
-The models are generated (`dsrun synth`) with real DeepSeek layer shapes and Q8_0 experts. Skewed routing
-is synthesized on purpose: Zipf exponent 1.2 over experts and locality 0.8 (consecutive tokens share
-experts); uniform routing has skew 0. Decode feeds the model its own greedy tokens after a warm-up, so the
-cache sees the temporal locality a real generation has. Every configuration runs the same token ids.
+The model is generated (`dsrun synth`) with real DeepSeek layer shapes and Q4_K experts (written as random
+bits: `--random-expert-blocks`). Skewed routing is synthesized on purpose: Zipf exponent 1.2 over experts
+and locality 0.8 (consecutive tokens share experts). Uniform routing runs the same file with its routers
+replaced in memory by random ones (no popularity, no locality): one file, so a disk that holds one
+real-shaped model is enough. Decode feeds the model its own greedy tokens after a warm-up, so the cache
+sees the temporal locality a real generation has. Every configuration runs the same token ids.
 
-    python bench/bench_hybrid.py --preset deepseek-v2-lite --layers 8 --gpu-mem 6GiB --out results.json
+With `--llama-bench PATH` (a CUDA build of llama.cpp's llama-bench) the same file runs in llama.cpp with
+every expert on the CPU (`-ot exps=CPU`) and with `--n-cpu-moe N` for each N given, same prompt and
+generation lengths; pick N so that llama.cpp's GPU part fits the same budget.
+
+    python bench/bench_hybrid.py --preset deepseek-v3 --layers 6 --set n_dense_lead=1 --gpu-mem 24GiB \
+        --llama-bench ./llama-bench --n-cpu-moe 3 --out results.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -28,29 +36,64 @@ from dsrun.synth import synthesize
 CONFIGS = ("all-cpu", "static", "dsrun-cache")
 
 
-def make_models(args) -> dict[str, Path]:
+def make_model(args) -> Path:
+    path = Path(args.dir) / f"{args.preset}-{args.layers}L-{args.type}-skewed.gguf"
+    if not path.exists():  # written under another name first: an interrupted run leaves no bad file
+        t0 = time.perf_counter()
+        partial = path.with_suffix(".partial")
+        synthesize(
+            partial,
+            preset=args.preset,
+            n_layer=args.layers,
+            weight_type=args.type,
+            skew=1.2,
+            locality=0.8,
+            seed=1,
+            random_expert_blocks=args.type in ("Q4_K", "Q8_0"),
+            **dict(args.set),
+        )
+        partial.rename(path)
+        size, seconds = path.stat().st_size / 2**30, time.perf_counter() - t0
+        print(f"synthesized {path.name}: {size:.2f} GiB in {seconds:.0f} s", flush=True)
+    return path
+
+
+def uniform_routers(eng, seed: int = 7) -> None:
+    """Random router rows at the file's scale and no selection bias: experts equally likely, no locality."""
+    g = torch.Generator().manual_seed(seed)
+    for ffn in eng.offload.routers.values():
+        w = ffn.ffn_gate_inp  # (E, D)
+        ffn.ffn_gate_inp = (torch.randn(w.shape, generator=g) * w.float().std()).to(w.device, w.dtype)
+        if getattr(ffn, "exp_probs_b", None) is not None:
+            ffn.exp_probs_b = torch.zeros_like(ffn.exp_probs_b)
+
+
+def llama_bench(args, path: Path) -> dict:
+    """llama.cpp's own numbers on the same file: tokens/s of pp (prefill) and tg (decode)."""
+    runs = {"all-cpu": ["-ot", "exps=CPU"]} | {f"n-cpu-moe {n}": ["-ncmoe", str(n)] for n in args.n_cpu_moe}
     out = {}
-    for routing, skew, locality in (("skewed", 1.2, 0.8), ("uniform", 0.0, 0.0)):
-        path = Path(args.dir) / f"{args.preset}-{args.layers}L-{args.type}-{routing}.gguf"
-        if not path.exists():  # written under another name first: an interrupted run leaves no bad file
-            t0 = time.perf_counter()
-            partial = path.with_suffix(".partial")
-            synthesize(
-                partial,
-                preset=args.preset,
-                n_layer=args.layers,
-                weight_type=args.type,
-                skew=skew,
-                locality=locality,
-                seed=1,
-            )
-            partial.rename(path)
-            print(
-                f"synthesized {path.name}: {path.stat().st_size / 2**30:.2f} GiB in "
-                f"{time.perf_counter() - t0:.0f} s",
-                flush=True,
-            )
-        out[routing] = path
+    for name, extra in runs.items():
+        cmd = [
+            args.llama_bench,
+            "-m",
+            str(path),
+            "-ngl",
+            "99",
+            "-p",
+            str(args.prefill),
+            "-n",
+            str(args.decode),
+        ]
+        cmd += ["-r", "1", "-o", "json", *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            out[name] = {"error": done.stderr[-2000:]}
+        else:
+            rows = json.loads(done.stdout)
+            out[name] = {
+                ("prefill_tok_s" if r["n_prompt"] else "decode_tok_s"): round(r["avg_ts"], 2) for r in rows
+            }
+        print(f"llama.cpp {name:14s} {out[name]}", flush=True)
     return out
 
 
@@ -76,6 +119,14 @@ def reshape_plan(plan: Plan, config: str, n_slots: int) -> None:
         plan.expert_devices[key] = gpu if key in chosen else "cpu"
 
 
+def cpu_experts_in_ram(eng) -> None:
+    """Every expert not on the GPU in the CPU backend, as llama.cpp keeps a static split's CPU experts."""
+    for layer, home in eng.offload.homes.items():
+        home.keep_in_ram(
+            [e for (lay, e), d in eng.plan.expert_devices.items() if lay == layer and d == "cpu"]
+        )
+
+
 def load(path: Path, config: str, args):
     eng = dsrun.load(
         path,
@@ -92,6 +143,7 @@ def load(path: Path, config: str, args):
     for key in list(pool.slot_of):  # start over with the configuration's own placement
         pool.drop(*key)
     reshape_plan(eng.plan, config, pool.n_slots)
+    cpu_experts_in_ram(eng)
     for (layer, e), device in eng.plan.expert_devices.items():
         if device.startswith("cuda") and pool.free:
             eng.offload.promote(pool, layer, e)
@@ -137,8 +189,12 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_config(path: Path, config: str, args, prompt: list[int], long_prompt: list[int]) -> dict:
+def run_config(
+    path: Path, config: str, routing: str, args, prompt: list[int], long_prompt: list[int]
+) -> dict:
     eng = load(path, config, args)
+    if routing == "uniform":
+        uniform_routers(eng)
     warm, _ = greedy_tokens(eng, prompt, args.warmup)  # the cache learns from this generation
     eng.offload.wait_idle()
     tokens, decode_s = greedy_tokens(eng, prompt + warm, args.decode)
@@ -185,20 +241,37 @@ def parity(path: Path, args, prompt: list[int]) -> dict:
     }
 
 
+def parse_set(item: str) -> tuple[str, int | float | str]:
+    key, _, value = item.partition("=")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="deepseek-v2-lite")
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--type", default="Q8_0")
+    p.add_argument("--set", type=parse_set, action="append", default=[], help="FIELD=VALUE spec override")
+    p.add_argument("--type", default="Q4_K")
     p.add_argument("--dir", default="/tmp")
-    p.add_argument("--gpu-mem", default="6GiB")
+    p.add_argument("--gpu-mem", default="24GiB")
     p.add_argument("--ram", default=None)
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--cpu-backend", default=None)
     p.add_argument("--warmup", type=int, default=32)
     p.add_argument("--decode", type=int, default=48)
     p.add_argument("--prefill", type=int, default=256)
+    p.add_argument("--routings", default="skewed,uniform")
+    p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--parity", action="store_true", help="also compare GPU and CPU logits")
+    p.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench built with CUDA")
+    p.add_argument(
+        "--n-cpu-moe", type=int, action="append", default=[], help="llama.cpp static splits to run"
+    )
     p.add_argument("--out", default=None)
     p.add_argument("--cpu-as-gpu", action="store_true", help="no CUDA: put the GPU tier's tensors on the CPU")
     args = p.parse_args()
@@ -210,9 +283,14 @@ def main() -> None:
         "args": vars(args),
         "results": {},
     }
-    for routing, path in make_models(args).items():
-        for config in CONFIGS:
-            r = run_config(path, config, args, prompt, long_prompt)
+    path = make_model(args)
+    report["model_bytes"] = path.stat().st_size
+    if args.llama_bench:
+        report["llama.cpp"] = llama_bench(args, path)
+    routings = args.routings.split(",")
+    for routing in routings:
+        for config in args.configs.split(","):
+            r = run_config(path, config, routing, args, prompt, long_prompt)
             report["results"][f"{routing}/{config}"] = r
             print(
                 f"{routing:8s} {config:12s} decode {r['decode_tok_s']:7.2f} tok/s  prefill "
@@ -220,14 +298,17 @@ def main() -> None:
                 f"/{r['experts_total']}  promotions {r['promotions']}  ({r['backend']})",
                 flush=True,
             )
-        if args.parity:
-            report[f"parity/{routing}"] = parity(path, args, prompt)
-            print(f"parity {routing}: {report[f'parity/{routing}']}", flush=True)
-    for routing in ("skewed", "uniform"):
-        res = report["results"]
-        ratio = res[f"{routing}/dsrun-cache"]["decode_tok_s"] / res[f"{routing}/static"]["decode_tok_s"]
-        report[f"decode_ratio_cache_vs_static/{routing}"] = round(ratio, 3)
-        print(f"{routing}: dsrun cache / static split decode = {ratio:.2f}x", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1))
+    if args.parity:
+        report["parity"] = parity(path, args, prompt)
+        print(f"parity: {report['parity']}", flush=True)
+    res = report["results"]
+    for routing in routings:
+        if f"{routing}/static" in res and f"{routing}/dsrun-cache" in res:
+            ratio = res[f"{routing}/dsrun-cache"]["decode_tok_s"] / res[f"{routing}/static"]["decode_tok_s"]
+            report[f"decode_ratio_cache_vs_static/{routing}"] = round(ratio, 3)
+            print(f"{routing}: dsrun cache / static split decode = {ratio:.2f}x", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
 

@@ -170,6 +170,7 @@ class LayerTensors:
 class GgmlExperts(CPUExperts):
     name = "ggml"
     version = 1
+    maps_file = True
 
     def __init__(self, *, threads: int | None = None):
         super().__init__(threads=threads)

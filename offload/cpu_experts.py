@@ -279,6 +279,7 @@ class CPUExperts(ABC):
 
     name: str = ""
     version: int = 1  # bump when the converted layout changes: old shards are then rebuilt
+    maps_file: bool = False  # computes on the mapped file's bytes: holding an expert costs no RAM
 
     def __init__(self, *, threads: int | None = None):
         self.threads = threads or default_threads()

@@ -12,6 +12,7 @@ Legend: S slots, F expert width, D model width, E experts per layer, T tokens, K
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +86,7 @@ class DeviceExpertSlots:
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda else None  # copies overlap compute
         self.bytes_moved = 0
+        self.staging: list[Staged] = []  # two buffers that stream cold experts in for a prefill
 
     @property
     def n_slots(self) -> int:
@@ -132,11 +134,11 @@ class DeviceExpertSlots:
         self.free.append(self.slot_of.pop((layer, expert)))
         self.resident[layer, expert] = False
 
-    def run_expert(self, slot: int, rows: torch.Tensor) -> torch.Tensor:
-        gate, up, down = (pool[slot] for pool in self.pools)
+    def run_expert(self, parts: tuple[torch.Tensor, ...], rows: torch.Tensor) -> torch.Tensor:
+        """One expert (gate, up, down as a slot holds them) on its rows (n, D) -> (n, D)."""
         if not self.quantized:
-            return swiglu(rows, gate, up, down)
-        (F_, D), qg, qu, qd = self.layout.shapes[0], *self.layout.qtypes
+            return swiglu(rows, *parts)
+        (F_, D), (qg, qu, qd), (gate, up, down) = self.layout.shapes[0], self.layout.qtypes, parts
         h = F.silu(gpu_quant.quantized_matmul(rows, gate, qg, F_, D))  # (n, F)
         h = h * gpu_quant.quantized_matmul(rows, up, qu, F_, D)
         return gpu_quant.quantized_matmul(h, down, qd, D, F_)  # (n, D)
@@ -148,9 +150,63 @@ class DeviceExpertSlots:
         expert_ids: torch.Tensor,
         weights: torch.Tensor,
         active: torch.Tensor,
+        stream_from=None,
     ) -> torch.Tensor:
-        """Weighted sum of the active assignments' experts, all of which hold a slot here: (T, D)."""
+        """Weighted sum of the active assignments' experts: (T, D). Every expert holds a slot here, or,
+        with `stream_from` (quantized slots: a prefill), those that do not are copied in as they come."""
         xd = x.to(self.device, self.layout.dtype, non_blocking=True)
-        return weighted_experts(
-            xd, expert_ids, weights, active, lambda e, rows: self.run_expert(self.slot_of[(layer, e)], rows)
-        )
+        turn = iter(range(1 << 30))
+
+        def run_one(e: int, rows: torch.Tensor) -> torch.Tensor:
+            slot = self.slot_of.get((layer, e))
+            if slot is not None:
+                return self.run_expert(tuple(pool[slot] for pool in self.pools), rows)
+            return self.run_expert(self.stream_in(stream_from, e, next(turn) % 2), rows)
+
+        return weighted_experts(xd, expert_ids, weights, active, run_one)
+
+    def stream_in(self, source, expert: int, buffer: int) -> tuple[torch.Tensor, ...]:
+        """An expert's bytes through pinned staging buffer `buffer` (of two) to the device, on the side
+        stream; the next expert's host copy overlaps this one's transfer and compute."""
+        if not self.staging:
+            self.staging = [Staged(self) for _ in range(2)]
+        return self.staging[buffer].load(source, expert, self)
+
+
+class Staged:
+    """One staging buffer: pinned host memory and a device copy, for an expert's three matrices."""
+
+    def __init__(self, slots: DeviceExpertSlots):
+        pin = slots.stream is not None
+        sizes = [pool.shape[1] for pool in slots.pools]  # slot bytes of gate, up, down
+        self.host = [torch.empty(n, dtype=torch.uint8, pin_memory=pin) for n in sizes]
+        self.device = [torch.empty(n, dtype=torch.uint8, device=slots.device) for n in sizes]
+        self.copied = torch.cuda.Event() if pin else None  # host buffers free again
+        self.used = torch.cuda.Event() if pin else None  # marks the compute queued on the device buffers
+
+    def load(self, source, expert: int, slots: DeviceExpertSlots) -> tuple[torch.Tensor, ...]:
+        if self.copied is not None:
+            self.copied.synchronize()  # the last transfer from these host buffers is done
+        for host, info in zip(self.host, source.infos.values()):
+            raw = read_only_bytes(info.data[expert])
+            host[: raw.numel()].copy_(raw)  # page cache -> pinned, on torch's threads
+        stream = slots.stream
+        compute = torch.cuda.current_stream(slots.device) if stream is not None else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if self.used is not None:  # the compute last queued on these device buffers is done first
+                self.used.record(compute)
+                stream.wait_event(self.used)
+            for dev, host in zip(self.device, self.host):
+                dev.copy_(host, non_blocking=True)
+            if self.copied is not None:
+                self.copied.record(stream)
+        if stream is not None:
+            compute.wait_stream(stream)
+        return tuple(self.device)
+
+
+def read_only_bytes(a: np.ndarray) -> torch.Tensor:
+    """A read-only mapped array as a flat uint8 tensor, without copying (only read from)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns that it cannot mark it read-only
+        return torch.from_numpy(a).view(-1).view(torch.uint8)

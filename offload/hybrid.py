@@ -84,7 +84,9 @@ def attach_offload(
     for layer in layers:
         source = ExpertFile(f, layer)
         where = [plan.expert_devices.get((layer, e), "disk") for e in range(source.n_expert)]
-        homes[layer] = HomeExperts(source, backend, [e for e, d in enumerate(where) if d == "cpu"])
+        # a backend on the mapped file also keeps GPU experts: a demoted one then runs at RAM speed
+        home = ("cpu", "cuda") if backend.maps_file else ("cpu",)
+        homes[layer] = HomeExperts(source, backend, [e for e, d in enumerate(where) if d.startswith(home)])
         gpu = plan.layer_devices[layer]
         if gpu.startswith("cuda"):
             if gpu not in pools:

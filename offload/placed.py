@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from dsrun.quants import dequantize
 from .cpu_experts import CPUExperts
 from .device_slots import DeviceExpertSlots
 from .hot_cache import HotExpertPolicy
+from .prefill import StreamCost
 
 PROJECTIONS = ("gate", "up", "down")
 
@@ -71,9 +73,14 @@ class HomeExperts:
         self.source = source
         self.backend = backend
         self.ram_mask = np.zeros(source.n_expert, dtype=bool)  # (E,)
-        self.ram_mask[in_ram] = True
-        if in_ram:
-            backend.load_layer(source.layer, *source.infos.values(), experts=in_ram)
+        self.keep_in_ram(in_ram)
+
+    def keep_in_ram(self, experts: list[int]) -> None:
+        """Load these experts (with those already there) into the CPU backend."""
+        self.ram_mask[experts] = True
+        if self.ram_mask.any():
+            kept = np.flatnonzero(self.ram_mask).tolist()
+            self.backend.load_layer(self.source.layer, *self.source.infos.values(), experts=kept)
 
     def in_ram(self, e: int) -> bool:
         return bool(self.ram_mask[e])
@@ -116,6 +123,7 @@ class Counters:
     predicted_total: int = 0  # experts actually routed in layers that had a prediction
     promotions: int = 0
     demotions: int = 0
+    streamed_assignments: int = 0  # cold assignments of heavy batches run on a GPU, their experts streamed
 
 
 class Offload:
@@ -136,6 +144,7 @@ class Offload:
         n_layers = max(self.layers) + 1 if homes else 0
         self.policy = policy or HotExpertPolicy(n_layers, first.n_expert if first else 0)
         self.counters = Counters()
+        self.cost = StreamCost()  # where heavy batches compute their cold experts
         self.lock = threading.Lock()  # slot tables change in the mover thread, are read by forward
         self.predicted: dict[int, set[int]] = {}
         self.routers: dict[int, object] = {}  # MoE layer -> its MoE FFN, for pre-gating the next layer
@@ -152,21 +161,52 @@ class Offload:
     ) -> torch.Tensor:
         """The layer's routed-expert output (T, D) for the router's assignments, split by tier."""
         ids, w, x_cpu = expert_ids.cpu(), weights.cpu(), x.cpu()  # the one device-to-host sync of the layer
-        slots = self.slots.get(layer)
+        slots, home = self.slots.get(layer), self.homes[layer]
         with self.lock:
-            n_expert = self.homes[layer].source.n_expert
-            resident = slots.resident[layer].copy() if slots is not None else np.zeros(n_expert, bool)
+            resident = (
+                slots.resident[layer].copy() if slots is not None else np.zeros(home.source.n_expert, bool)
+            )
             on_device = torch.from_numpy(resident)[ids]  # (T, K)
-            # launched before the CPU part so the device computes while the CPU does
-            device_out = slots.run(layer, x, ids, weights, on_device) if on_device.any() else None
+            cold = ~on_device
+            cold_bytes, cold_flops = self._cold_work(home, ids, cold)
+            streamed = (
+                slots is not None
+                and slots.quantized
+                and self.cost.should_stream(len(ids), cold_bytes, cold_flops)
+            )
+            if streamed:  # a heavy batch: all of it on the GPU, cold experts copied in as they come
+                out = self._run_streamed(slots, home, x, ids, weights, cold_bytes)
+            else:  # launched before the CPU part so the device computes while the CPU does
+                device_out = slots.run(layer, x, ids, weights, on_device) if on_device.any() else None
         self._count(layer, ids, resident, on_device)
-        out = self.homes[layer].run(x_cpu, ids, w, ~on_device)  # (T, D)
-        if device_out is not None:
-            out = out + device_out.to(out.device, out.dtype)
+        if streamed:
+            self.counters.streamed_assignments += int(cold.sum())
+        else:
+            t0 = time.perf_counter()
+            out = home.run(x_cpu, ids, w, cold)  # (T, D)
+            rows_per_expert = int(cold.sum()) / max(1, len(np.unique(ids[cold].numpy())))
+            self.cost.observe_cpu(rows_per_expert, cold_bytes, cold_flops, time.perf_counter() - t0)
+            if device_out is not None:
+                out = out + device_out.to(out.device, out.dtype)
         self.prefetch_next(layer, x)
         if layer == self.layers[-1]:  # the step's last MoE layer: the cache may move now
             self.after_step()
-        return out.to(x.device)
+        return out.to(x.device, x.dtype)
+
+    def _cold_work(self, home: HomeExperts, ids: torch.Tensor, cold: torch.Tensor) -> tuple[int, int]:
+        """Bytes of the distinct experts the CPU part would read, and its multiply-adds x 2."""
+        n_experts = len(np.unique(ids[cold].numpy()))
+        flops = 2 * 3 * home.source.n_ff * home.source.n_embd * int(cold.sum())
+        return n_experts * home.source.expert_bytes(), flops
+
+    def _run_streamed(self, slots, home, x, ids, weights, cold_bytes: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        everything = torch.ones_like(ids, dtype=torch.bool)
+        out = slots.run(home.source.layer, x, ids, weights, everything, stream_from=home.source)
+        if slots.device.type == "cuda":
+            torch.cuda.synchronize(slots.device)  # one wait per prefill layer, to time the stream
+        self.cost.observe_stream(cold_bytes, time.perf_counter() - t0)
+        return out
 
     def _count(self, layer: int, expert_ids: torch.Tensor, resident: np.ndarray, on_device) -> None:
         ids = expert_ids.cpu().numpy()

@@ -179,3 +179,16 @@ def test_quantized_slots_keep_the_files_bytes_and_the_answer(tmp_path):
     assert pool.quantized and pool.slot_bytes * 3 < 3 * pool.layout.n_ff * pool.layout.n_embd * 4
     assert eng.offload.counters.device_assignments > 0
     assert rel_diff(quantized, reference) <= 1e-4
+    # a heavy batch whose cost model says so runs every cold expert on the "GPU", streamed in
+    from dsrun.offload.prefill import StreamCost
+
+    eng = dsrun.load(path, ctx=256, gpus=[0], gpu_mem="64MiB", ram="1MiB", offload_options=options)
+    eng.offload.cost = StreamCost(stream_bytes_per_s=1e30, min_rows=len(tokens))
+    pool = next(iter(eng.offload.slots.values()))
+    for key in list(pool.slot_of)[4:]:  # most experts cold, a few resident
+        pool.drop(*key)
+    eng.offload.policy.max_moves = 0
+    streamed = eng.logits(tokens)
+    assert eng.offload.counters.streamed_assignments > 0 and eng.offload.counters.cpu_assignments > 0
+    eng.close()
+    assert rel_diff(streamed, reference) <= 1e-4
