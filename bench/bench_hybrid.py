@@ -154,7 +154,7 @@ def load(path: Path, config: str, args):
 
 def gpu_options(args) -> dict:
     """--cpu-as-gpu runs the GPU code paths with CPU tensors, to try the benchmark without CUDA."""
-    return {"device_map": {"cuda:0": "cpu"}} if args.cpu_as_gpu else {}
+    return {"device_map": {"cuda:0": "cpu"}, "quantized_slots": True} if args.cpu_as_gpu else {}
 
 
 def greedy_tokens(eng, prompt: list[int], n: int) -> tuple[list[int], float]:
