@@ -626,32 +626,35 @@ def _first(value):
 
 
 def gpu_efficiencies(f: GGUFFile, p: Plan, device: str, bandwidth: float) -> dict[str, float]:
-    """gpu_weights, gpu_kv and (with experts planned on a GPU) gpu_experts. Dense weights and the cache
-    are float32 on a GPU (torch's mat-vec: the GGUF bytes of the weights are read as 4 bytes a weight);
-    experts keep their quant type in slots where gpu_quant's kernels take it (its own benchmark, on the
-    model's expert matrices), else bf16."""
+    """gpu_weights, gpu_kv and (with experts planned on a GPU) gpu_experts. Matrices of a type gpu_quant's
+    kernels take stay in their GGUF bytes on a GPU (its own benchmark, at decode's one row); others are
+    float32 there (torch's mat-vec, which reads 4 bytes a weight); the KV cache is float32."""
     from gguf import GGML_QUANT_SIZES
 
-    f32_rate = gpu_matvec_rate(device, "float32")
-    dense = dense_weight_types(f)
-    as_f32 = sum(n * 4 * GGML_QUANT_SIZES[q][0] / GGML_QUANT_SIZES[q][1] for q, n in dense.items())
-    out = {"gpu_weights": f32_rate * sum(dense.values()) / as_f32 / bandwidth, "gpu_kv": f32_rate / bandwidth}
-    if any(t.tier == "gpu" and t.experts for t in p.tiers):
-        from .offload import gpu_quant
+    from .offload import gpu_quant
 
+    f32_rate = gpu_matvec_rate(device, "float32")
+
+    def rate(qtype, n_out: int, n_in: int) -> float:  # bytes/s of GGUF data
+        if qtype in gpu_quant.QUANT_TYPES:
+            return gpu_quant.benchmark(qtype, n_out, n_in, 1, device)["quant_GBps"] * 1e9
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        return f32_rate * type_size / block / 4
+
+    dense = dense_weight_types(f)
+    width = int(f.require("embedding_length"))
+    rates = {q: rate(q, width, width) for q, _ in dense.most_common(3)}
+    main = rates[dense.most_common(1)[0][0]]
+    seconds = sum(n / rates.get(q, main) for q, n in dense.items())
+    out = {"gpu_weights": sum(dense.values()) / seconds / bandwidth, "gpu_kv": f32_rate / bandwidth}
+    if any(t.tier == "gpu" and t.experts for t in p.tiers):
         shape = expert_shape(f)
         matrices = list(zip(shape.qtypes, ((shape.ff, shape.hidden),) * 2 + ((shape.hidden, shape.ff),)))
-        if all(q in gpu_quant.QUANT_TYPES for q in shape.qtypes):
-            nbytes = [gpu_quant.matrix_nbytes(q, *s) for q, s in matrices]
-            seconds = sum(
-                n / (gpu_quant.benchmark(q, *s, 1, device)["quant_GBps"] * 1e9)
-                for n, (q, s) in zip(nbytes, matrices)
-            )
-            out["gpu_experts"] = sum(nbytes) / seconds / bandwidth
-        else:
-            gguf = sum(s[0] * s[1] * GGML_QUANT_SIZES[q][1] / GGML_QUANT_SIZES[q][0] for q, s in matrices)
-            bf16 = sum(2 * s[0] * s[1] for _, s in matrices)
-            out["gpu_experts"] = gpu_matvec_rate(device, "bfloat16") * gguf / bf16 / bandwidth
+        nbytes = [
+            n_out * n_in * GGML_QUANT_SIZES[q][1] // GGML_QUANT_SIZES[q][0] for q, (n_out, n_in) in matrices
+        ]
+        seconds = sum(n / rate(q, *dims) for n, (q, dims) in zip(nbytes, matrices))
+        out["gpu_experts"] = sum(nbytes) / seconds / bandwidth
     return out
 
 
