@@ -3,15 +3,23 @@
 A GPU expert slot can hold an expert's GGUF bytes instead of a bf16 copy (Q4_K is 3.5x smaller). Up to
 FUSED_MAX_T tokens, one Triton kernel reads each weight byte once and dequantizes in registers (decode is
 bound by weight bandwidth); for more tokens a Triton kernel dequantizes into a reused bf16 scratch and
-cuBLAS multiplies (prefill is bound by compute, where cuBLAS wins). Without Triton for a device, the same
-calls run `dsrun.quants.dequantize` and a float32 matmul, so callers work everywhere.
+cuBLAS multiplies (prefill is bound by compute, where cuBLAS wins). `grouped_matmul` and `grouped_swiglu`
+take rows that each name a slot of a pool, all in one launch: a decode step's experts of one layer. Without
+Triton for a device, the same calls run `dsrun.quants.dequantize` and a float32 matmul, so callers work
+everywhere.
+
+A decode call's kernel takes ~15 us, so the host side must be smaller still: the first call of each shape
+plans it (split-K, grid, tuned config, buffers) and later calls are a dict lookup, a tensor allocation and
+launches straight into the compiled kernel (_Launch). As with any Triton kernel, launches go to the current
+CUDA device's current stream: call with x's device current.
 
 Kernels walk a row in steps of 256 weights, each seen as a tile (BN, S, W): S sub-blocks of W weights
 with one scale (and min) each; weight k = 256 * step + W * s + i is scale * q - min, computed in gguf's
 order, so `dequantize_gpu` to float32 is bit-exact with `dsrun.quants.dequantize`.
 
-Legend: T tokens, N output rows (n_out), K input width (n_in), BN rows per program, BT tokens per program
-(padded), S sub-blocks per step, W weights per sub-block, P split-K parts.
+Legend: T tokens, A rows of a grouped call (each with its own slot), N output rows (n_out), K input width
+(n_in), BN rows per program, BT tokens per program (padded), S sub-blocks per step, W weights per
+sub-block, P split-K parts, M outputs of one part (T * N or A * N).
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from dsrun import quants
@@ -218,15 +228,109 @@ def _gemv_kernel(
     tl.store(dst, acc.to(out.dtype.element_ty), mask=(t[:, None] < T) & rmask[None, :])
 
 
+@_jit
+def _row_dot(
+    w,
+    row_off,
+    rmask,
+    step,
+    x_row,
+    n_in,
+    QTYPE: tl.constexpr,
+    S: tl.constexpr,
+    W: tl.constexpr,
+    SB: tl.constexpr,
+    HAS_MIN: tl.constexpr,
+):
+    """One step of BN rows times one token x_row: (BN,) float32, q * x summed per sub-block, then scaled."""
+    q, scale, mn = _tile(w, row_off, rmask, step, n_in, QTYPE, S, W, SB)
+    k = step * 256 + W * tl.arange(0, S)[:, None] + tl.arange(0, W)[None, :]  # (S, W)
+    xt = tl.load(x_row + k, mask=k < n_in, other=0).to(tl.float32)  # (S, W)
+    r = tl.sum(tl.sum(q * xt[None, :, :], axis=2) * scale, axis=1)  # (BN,)
+    if HAS_MIN:
+        r -= tl.sum(mn * tl.sum(xt, axis=1)[None, :], axis=1)
+    return r
+
+
+@_jit
+def _grouped_kernel(
+    x,
+    wa,
+    wb,
+    slots,
+    out,
+    n_out,
+    n_in,
+    slot_bytes_a,
+    slot_bytes_b,
+    row_bytes_a,
+    row_bytes_b,
+    n_steps,
+    steps_per_part,
+    part_stride,
+    b_offset,
+    QTYPE_A: tl.constexpr,
+    S_A: tl.constexpr,
+    W_A: tl.constexpr,
+    SB_A: tl.constexpr,
+    MIN_A: tl.constexpr,
+    QTYPE_B: tl.constexpr,
+    S_B: tl.constexpr,
+    W_B: tl.constexpr,
+    SB_B: tl.constexpr,
+    MIN_B: tl.constexpr,
+    GLU: tl.constexpr,
+    FINAL: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """out[a] (N,) = x[a] @ A_s.T for s = slots[a], A_s that slot of pool wa; with GLU silu(x[a] @ A_s.T) *
+    (x[a] @ B_s.T), B_s from pool wb. One program per row a, BN output rows and split-K part. Unless FINAL,
+    float32 partial sums go to out[part] (P, A, N), and with GLU B's to out + b_offset."""
+    a = tl.program_id(0)  # rows vary fastest: rows that share a slot read its blocks at about the same time
+    rows = tl.program_id(1) * BN + tl.arange(0, BN)  # (BN,)
+    part = tl.program_id(2)
+    rmask = rows < n_out
+    slot = tl.load(slots + a).to(tl.int64)  # a pool may pass 2 GiB: int64 slot offsets
+    w_a = wa + slot * slot_bytes_a
+    w_b = wb + slot * slot_bytes_b
+    x_row = x + a * n_in
+    acc_a = tl.zeros((BN,), dtype=tl.float32)
+    acc_b = tl.zeros((BN,), dtype=tl.float32)
+    first = part * steps_per_part
+    for step in range(first, tl.minimum(first + steps_per_part, n_steps)):
+        acc_a += _row_dot(w_a, rows * row_bytes_a, rmask, step, x_row, n_in, QTYPE_A, S_A, W_A, SB_A, MIN_A)
+        if GLU:
+            acc_b += _row_dot(
+                w_b, rows * row_bytes_b, rmask, step, x_row, n_in, QTYPE_B, S_B, W_B, SB_B, MIN_B
+            )
+    dst = out + part * part_stride + a * n_out + rows
+    if GLU and FINAL:
+        tl.store(dst, (acc_a * tl.sigmoid(acc_a) * acc_b).to(out.dtype.element_ty), mask=rmask)
+    else:
+        tl.store(dst, acc_a.to(out.dtype.element_ty), mask=rmask)
+        if GLU:
+            tl.store(dst + b_offset, acc_b, mask=rmask)
+
+
+@_jit
+def _reduce_kernel(src, out, M, n_parts, b_offset, GLU: tl.constexpr, BN: tl.constexpr):
+    """out (M,) = the sum of n_parts float32 partial sums src (P, M), in part order (deterministic, unlike
+    atomics); with GLU, silu(that) * the same sum of the parts at src + b_offset. BN outputs per program."""
+    i = tl.program_id(0) * BN + tl.arange(0, BN)  # (BN,)
+    m = i < M
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    acc_b = tl.zeros((BN,), dtype=tl.float32)
+    for p in range(n_parts):
+        acc += tl.load(src + p * M + i, mask=m, other=0.0)
+        if GLU:
+            acc_b += tl.load(src + b_offset + p * M + i, mask=m, other=0.0)
+    if GLU:
+        acc = acc * tl.sigmoid(acc) * acc_b
+    tl.store(out + i, acc.to(out.dtype.element_ty), mask=m)
+
+
 if triton:
     _INTERPRETED = not isinstance(_dequant_kernel, JITFunction)  # TRITON_INTERPRET=1 at import
-    _gemv_tuned = triton.autotune(
-        [
-            triton.Config({"BN": bn}, num_warps=nw, num_stages=ns)
-            for bn, nw, ns in ((16, 4, 3), (16, 8, 3), (32, 8, 3), (64, 8, 3))  # none spill on sm_90
-        ],
-        key=["n_out", "n_in", "QTYPE", "BT"],
-    )(_gemv_kernel)
 
 
 # --- host side ------------------------------------------------------------------------------------------
@@ -255,14 +359,15 @@ def new_pool(
     n_slots: int, qtype: GGMLQuantizationType, n_out: int, n_in: int, device: str | torch.device
 ) -> torch.Tensor:
     """An uninitialized slot pool (n_slots, bytes) for matrices of one shape; pass `pool[s]` to the
-    functions here. Fill a slot with `pool[s, :matrix_nbytes(...)].copy_(raw_bytes)`."""
+    functions here, or the pool and slot numbers to the grouped ones. Fill a slot with
+    `pool[s, :matrix_nbytes(...)].copy_(raw_bytes)`."""
     return torch.empty(
         n_slots, pool_stride(qtype, n_out, n_in), dtype=torch.uint8, device=device
     )  # (S, bytes)
 
 
-def _flat(w: torch.Tensor, qtype: GGMLQuantizationType, n_out: int, n_in: int) -> torch.Tensor:
-    """w checked as qtype's bytes of an (n_out, n_in) matrix and viewed 1-D, pool padding allowed."""
+def _check_type(qtype: GGMLQuantizationType, n_out: int, n_in: int) -> int:
+    """The GGUF bytes of an (n_out, n_in) qtype matrix, once the kernels are known to take it."""
     if qtype not in QUANT_TYPES:
         names = ", ".join(sorted(t.name for t in QUANT_TYPES))
         raise UnsupportedModelError(
@@ -270,28 +375,382 @@ def _flat(w: torch.Tensor, qtype: GGMLQuantizationType, n_out: int, n_in: int) -
         )
     if n_in % GGML_QUANT_SIZES[qtype][0]:
         raise ModelFormatError(f"a {qtype.name} row of {n_in} weights is not a whole number of blocks")
-    nbytes = matrix_nbytes(qtype, n_out, n_in)
     if n_out * n_in >= 2**31:  # the kernels index in int32
         raise ValueError(f"a ({n_out}, {n_in}) matrix is too large for the GPU quant kernels (2^31 weights)")
-    if w.dtype != torch.uint8 or not w.is_contiguous() or not nbytes <= w.numel() < nbytes + POOL_ALIGN:
-        raise ValueError(
-            f"expected the {nbytes} bytes of a {qtype.name} ({n_out}, {n_in}) matrix as a contiguous uint8"
-            f" tensor (a pool row may add padding); got {w.dtype} of shape {tuple(w.shape)}"
-        )
-    return w.view(-1)
+    return matrix_nbytes(qtype, n_out, n_in)
+
+
+def _bad_bytes(w: torch.Tensor, qtype: GGMLQuantizationType, n_out: int, n_in: int, device) -> ValueError:
+    nbytes = matrix_nbytes(qtype, n_out, n_in)
+    return ValueError(
+        f"expected the {nbytes} bytes of a {qtype.name} ({n_out}, {n_in}) matrix as a contiguous uint8 tensor"
+        f" on {device} (a pool row may add padding); got {w.dtype} of shape {tuple(w.shape)} on {w.device}"
+    )
+
+
+def _bad_pool(pool: torch.Tensor, qtype: GGMLQuantizationType, n_out: int, n_in: int, device) -> ValueError:
+    return ValueError(
+        f"expected a pool (slots, bytes) of {qtype.name} ({n_out}, {n_in}) matrices on {device}, as new_pool"
+        f" makes; got {pool.dtype} of shape {tuple(pool.shape)}, strides {pool.stride()} on {pool.device}"
+    )
 
 
 def _dequant_torch(w: torch.Tensor, qtype: GGMLQuantizationType, n_out: int, n_in: int) -> torch.Tensor:
     """The fallback: float32 (N, K) on w's device through dsrun.quants (on the CPU)."""
-    raw = w[: matrix_nbytes(qtype, n_out, n_in)].cpu().numpy()
+    raw = w.reshape(-1)[: matrix_nbytes(qtype, n_out, n_in)].cpu().numpy()
     return quants.dequantize(raw, qtype, (n_out, n_in)).to(w.device)
 
 
-def _step_args(qtype: GGMLQuantizationType) -> dict:
-    """The kernels' constexprs for qtype."""
+def _step_args(qtype: GGMLQuantizationType, suffix: str = "") -> dict:
+    """The kernels' constexprs for qtype (named with `suffix` for the grouped kernel's second matrix)."""
     s, w, has_min = _LAYOUTS[qtype]
     block_size, type_size = GGML_QUANT_SIZES[qtype]
-    return dict(QTYPE=int(qtype), S=s, W=w, SB=STEP // block_size * type_size, HAS_MIN=has_min)
+    args = dict(QTYPE=int(qtype), S=s, W=w, SB=STEP // block_size * type_size)
+    args = {k + suffix: v for k, v in args.items()}
+    args["MIN" + suffix if suffix else "HAS_MIN"] = has_min
+    return args
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _split_k(n_programs: int, n_steps: int, device: torch.device) -> int:
+    """Split-K parts: a decode GEMV has too few programs of _GEMV_BN rows to keep every SM streaming
+    weights. `n_programs` counts them unsplit."""
+    if device.type != "cuda":
+        return 1
+    parts = 4 * _sm_count(device.index or 0) // n_programs
+    return max(1, min(parts, n_steps // 4))  # each part at least 4 steps
+
+
+# --- launches -------------------------------------------------------------------------------------------
+
+_Config = tuple[int, int, int]  # (BN, num_warps, num_stages)
+# As Triton 3.9 builds them for sm_90, none spills in the GEMV; BN 64 does in the grouped kernel with a
+# Q6_K gate and up, where timing should pass it over.
+_CONFIGS: tuple[_Config, ...] = ((16, 4, 3), (16, 8, 3), (32, 8, 3), (64, 8, 3))
+_DEFAULT_CONFIG: _Config = (_GEMV_BN, 8, 3)  # untuned: the interpreter, DSRUN_GPU_QUANT_AUTOTUNE=0
+_TUNED: dict[tuple, _Config] = {}  # tune key -> the fastest of _CONFIGS there
+
+
+def _autotune() -> bool:
+    return not _INTERPRETED and os.environ.get("DSRUN_GPU_QUANT_AUTOTUNE", "1") != "0"
+
+
+def _capturing() -> bool:
+    return not _INTERPRETED and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _bench(fn: Callable[[], object]) -> float:
+    """Milliseconds per call of fn on the GPU, with the L2 cache flushed before each; inf for a config
+    the GPU cannot run."""
+    from triton.runtime.errors import OutOfResources
+    from triton.testing import do_bench
+
+    try:
+        return do_bench(fn, warmup=10, rep=40)
+    except OutOfResources:
+        return float("inf")
+
+
+class _Launch:
+    """One kernel, launched again and again on new tensors with everything else fixed: its ints and
+    constexprs (`consts`, every parameter after the tensors but BN), grid and config.
+
+    A launch with a `tune_key` and no config takes the fastest of _CONFIGS, timed on its first call's
+    tensors once per key. Once it has compiled on a GPU, calls go straight to the compiled kernel, past
+    Triton's argument binding, specialization and cache lookup; as that kernel was specialized for 16-byte
+    aligned pointers, a call with one that is not (`aligned=False`) goes through Triton.
+    """
+
+    def __init__(
+        self,
+        kernel,
+        consts: dict,
+        grid: Callable[[int], tuple[int, ...]],
+        *,
+        fp_fusion: bool,
+        config: _Config | None = None,
+        tune_key: tuple | None = None,
+    ):
+        self.kernel, self.consts, self.grid_of, self.fp_fusion = kernel, consts, grid, fp_fusion
+        self.tune_key = tune_key
+        self.bound = None if config is None else self._bind(config)  # (grid, args, options)
+        self.runner = None  # the compiled kernel's launcher, for the bound grid
+
+    def _bind(self, config: _Config) -> tuple[tuple[int, ...], tuple, dict]:
+        bn, num_warps, num_stages = config
+        values = dict(self.consts, BN=bn)
+        names = self.kernel.arg_names
+        args = tuple(values[n] for n in names[len(names) - len(values) :])  # in the kernel's order
+        options = dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=self.fp_fusion)
+        grid = (*self.grid_of(bn), 1, 1)[:3]  # the compiled kernel's launcher takes all three
+        return grid, args, options
+
+    def _launch(self, bound: tuple, tensors: tuple):
+        grid, args, options = bound
+        return self.kernel[grid](*tensors, *args, **options)
+
+    def __call__(self, *tensors: torch.Tensor, aligned: bool = True) -> None:
+        if self.runner is not None and aligned:
+            self.runner(*tensors, *self.bound[1])
+            return
+        if self.bound is None:
+            if _capturing():  # nothing can be timed while a CUDA graph is captured: untuned, this once
+                self._launch(self._bind(_DEFAULT_CONFIG), tensors)
+                return
+            self.bound = self._bind(self._tune(tensors))
+        compiled = self._launch(self.bound, tensors)
+        if aligned and not _INTERPRETED:
+            self.runner = compiled[self.bound[0]]
+
+    def _tune(self, tensors: tuple) -> _Config:
+        if not _autotune():
+            return _DEFAULT_CONFIG
+        config = _TUNED.get(self.tune_key)
+        if config is None:  # outputs are only written, so timing on the call's own tensors is harmless
+            ms = {c: _bench(functools.partial(self._launch, self._bind(c), tensors)) for c in _CONFIGS}
+            config = _TUNED[self.tune_key] = min(ms, key=ms.get)
+        return config
+
+
+def _reduce_launch(m: int, parts: int, glu: bool) -> _Launch:
+    """Adds up the split-K partial sums (P, M) (and with glu the second matrix's, after them) into out."""
+    consts = dict(M=m, n_parts=parts, b_offset=parts * m, GLU=glu)
+    return _Launch(
+        _reduce_kernel, consts, lambda bn: (triton.cdiv(m, bn),), fp_fusion=True, config=(1024, 4, 3)
+    )
+
+
+# Plans by call shape, ("matmul" | "grouped" | "swiglu" | "dequant", ...): what its every call would redo.
+_PLANS: dict[tuple, object] = {}
+
+
+class _MatmulPlan:
+    """quantized_matmul for one (qtype, N, K, x shape, dtype, device)."""
+
+    def __init__(self, qtype, n_out, n_in, shape, dtype, device):
+        self.qtype, self.n_out, self.n_in, self.dtype, self.device = qtype, n_out, n_in, dtype, device
+        self.nbytes = _check_type(qtype, n_out, n_in)
+        if not shape or shape[-1] != n_in or not dtype.is_floating_point:
+            raise ValueError(f"x must be float (..., {n_in}); got {dtype} {tuple(shape)}")
+        self.out_shape = (*shape[:-1], n_out)
+        T = shape.numel() // n_in
+        self.partials = self.reduce = None
+        if T == 0:
+            self.path = "empty"
+        elif not triton_available(device):
+            self.path = "torch"
+        elif T > FUSED_MAX_T:
+            self.path = "dequant"
+            self.dequant = _dequant_plan(qtype, n_out, n_in, dtype, device)
+        else:
+            self.path = "fused"
+            n_steps = triton.cdiv(n_in, STEP)
+            per = triton.cdiv(n_steps, _split_k(triton.cdiv(n_out, _GEMV_BN), n_steps, device))
+            parts = triton.cdiv(n_steps, per)
+            dot = T >= DOT_FROM_T
+            bt = 16 if dot else triton.next_power_of_2(T)
+            consts = dict(
+                T=T,
+                n_out=n_out,
+                n_in=n_in,
+                row_bytes=matrix_nbytes(qtype, 1, n_in),
+                n_steps=n_steps,
+                steps_per_part=per,
+                part_stride=T * n_out,
+                **_step_args(qtype),
+                BT=bt,
+                DOT=dot,
+                DOT_F32=dtype == torch.float32 or _INTERPRETED,
+            )
+            self.gemv = _Launch(
+                _gemv_kernel,
+                consts,
+                lambda bn: (triton.cdiv(n_out, bn), parts),
+                fp_fusion=True,  # said outright: Triton 3.9 warns that its default will change
+                tune_key=("gemv", qtype, n_out, n_in, bt, dtype, device),
+            )
+            if parts > 1:  # float32 partial sums, added up by a second kernel: deterministic, unlike atomics
+                self.partials = torch.empty(parts, T, n_out, dtype=torch.float32, device=device)  # (P, T, N)
+                self.reduce = _reduce_launch(T * n_out, parts, glu=False)
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+        if (
+            w.dtype != torch.uint8
+            or not w.is_contiguous()
+            or not self.nbytes <= w.numel() < self.nbytes + POOL_ALIGN
+            or w.device != self.device
+        ):
+            raise _bad_bytes(w, self.qtype, self.n_out, self.n_in, self.device)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if self.path == "fused":
+            out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)  # (..., N)
+            aligned = not (x.data_ptr() | w.data_ptr()) & 15
+            if self.reduce is None:
+                self.gemv(x, w, out, aligned=aligned)
+            else:
+                self.gemv(x, w, self.partials, aligned=aligned)
+                self.reduce(self.partials, out)
+            return out
+        x2 = x.view(-1, self.n_in)  # (T, K)
+        if self.path == "dequant":
+            n = self.n_out * self.n_in
+            wd = _scratch(self.device, self.dtype, n) if scratch is None else scratch[:n]
+            wd = wd.view(self.n_out, self.n_in)  # (N, K)
+            self.dequant(w, wd, aligned=not (w.data_ptr() | wd.data_ptr()) & 15)
+            return (x2 @ wd.T).view(self.out_shape)
+        if self.path == "empty":
+            return x.new_empty(self.out_shape)
+        wf = _dequant_torch(w, self.qtype, self.n_out, self.n_in)  # (N, K)
+        return (x2.float() @ wf.T).to(self.dtype).view(self.out_shape)
+
+
+def _dequant_plan(qtype, n_out: int, n_in: int, dtype: torch.dtype, device: torch.device) -> _Launch:
+    key = ("dequant", qtype, n_out, n_in, dtype, device)
+    launch = _PLANS.get(key)
+    if launch is None:
+        consts = dict(n_out=n_out, n_in=n_in, row_bytes=matrix_nbytes(qtype, 1, n_in), **_step_args(qtype))
+        grid = lambda bn: (triton.cdiv(n_out, bn), triton.cdiv(n_in, STEP))  # noqa: E731
+        # No fused multiply-add: scale * q - min then rounds exactly as dsrun.quants does.
+        launch = _PLANS[key] = _Launch(
+            _dequant_kernel, consts, grid, fp_fusion=False, config=(_DEQUANT_BN, 4, 3)
+        )
+    return launch
+
+
+class _GroupedPlan:
+    """grouped_matmul (one pool) or the gate-and-up half of grouped_swiglu (two) for one (qtypes, N, K,
+    x shape, dtype, device, slot dtype, pool strides)."""
+
+    def __init__(self, qtypes, n_out, n_in, shape, dtype, device, slot_dtype, strides):
+        self.qtypes, self.n_out, self.n_in, self.dtype, self.device = qtypes, n_out, n_in, dtype, device
+        self.nbytes = tuple(_check_type(q, n_out, n_in) for q in qtypes)
+        if len(shape) != 2 or shape[1] != n_in or not dtype.is_floating_point:
+            raise ValueError(f"x must be float (A, {n_in}); got {dtype} {tuple(shape)}")
+        if slot_dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"slots must be int32 or int64; got {slot_dtype}")
+        for q, stride, nbytes in zip(qtypes, strides, self.nbytes):
+            if stride < nbytes:
+                raise ValueError(
+                    f"pool rows {stride} bytes apart cannot hold a {q.name} ({n_out}, {n_in}) matrix of"
+                    f" {nbytes} bytes: make the pool with new_pool"
+                )
+        A = self.A = shape[0]
+        glu = len(qtypes) == 2
+        self.partials = self.reduce = None
+        if A == 0:
+            self.path = "empty"
+            return
+        if not triton_available(device):
+            self.path = "torch"
+            return
+        self.path = "kernel"
+        n_steps = triton.cdiv(n_in, STEP)
+        per = triton.cdiv(n_steps, _split_k(A * triton.cdiv(n_out, _GEMV_BN), n_steps, device))
+        parts = triton.cdiv(n_steps, per)
+        m = A * n_out
+        if A * n_in >= 2**31 or 2 * parts * m >= 2**31:  # the kernels index in int32
+            raise ValueError(f"{A} rows are too many for one grouped launch of a ({n_out}, {n_in}) matrix")
+        qa, qb = qtypes[0], qtypes[-1]
+        consts = dict(
+            n_out=n_out,
+            n_in=n_in,
+            slot_bytes_a=strides[0],
+            slot_bytes_b=strides[-1],
+            row_bytes_a=matrix_nbytes(qa, 1, n_in),
+            row_bytes_b=matrix_nbytes(qb, 1, n_in),
+            n_steps=n_steps,
+            steps_per_part=per,
+            part_stride=m,
+            b_offset=parts * m,
+            **_step_args(qa, "_A"),
+            **_step_args(qb, "_B"),
+            GLU=glu,
+            FINAL=parts == 1,
+        )
+        bucket = min(triton.next_power_of_2(A), 64)  # the best BN depends on how many programs there are
+        self.kernel = _Launch(
+            _grouped_kernel,
+            consts,
+            lambda bn: (A, triton.cdiv(n_out, bn), parts),
+            fp_fusion=True,
+            tune_key=("grouped", qtypes, n_out, n_in, bucket, parts, dtype, device),
+        )
+        if parts > 1:
+            n = (1 + glu) * parts * m  # (P, A, N), and B's after them with glu
+            self.partials = torch.empty(n, dtype=torch.float32, device=device)
+            self.reduce = _reduce_launch(m, parts, glu)
+
+    def __call__(self, x: torch.Tensor, pools: tuple[torch.Tensor, ...], slots: torch.Tensor) -> torch.Tensor:
+        self.check_pools(pools)
+        x, slots = self.check(x, slots)
+        return self.run(x, pools, slots)
+
+    def check_pools(self, pools: tuple[torch.Tensor, ...]) -> None:
+        for pool, q, nbytes in zip(pools, self.qtypes, self.nbytes):
+            if (
+                pool.dtype != torch.uint8
+                or pool.dim() != 2
+                or pool.stride(1) != 1
+                or pool.shape[1] < nbytes
+                or pool.device != self.device
+            ):
+                raise _bad_pool(pool, q, self.n_out, self.n_in, self.device)
+
+    def check(self, x: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x and slots, contiguous, once slots is known to fit."""
+        if slots.shape != (self.A,) or slots.device != self.device:
+            raise ValueError(
+                f"slots must be ({self.A},) on {self.device}, one per row of x; got {tuple(slots.shape)} on"
+                f" {slots.device}"
+            )
+        return (
+            x if x.is_contiguous() else x.contiguous(),
+            slots if slots.is_contiguous() else slots.contiguous(),
+        )
+
+    def run(self, x: torch.Tensor, pools: tuple[torch.Tensor, ...], slots: torch.Tensor) -> torch.Tensor:
+        if self.path == "kernel":
+            out = torch.empty(self.A, self.n_out, dtype=self.dtype, device=self.device)  # (A, N)
+            pa, pb = pools[0], pools[-1]
+            aligned = not (x.data_ptr() | pa.data_ptr() | pb.data_ptr() | slots.data_ptr()) & 15
+            if self.reduce is None:
+                self.kernel(x, pa, pb, slots, out, aligned=aligned)
+            else:
+                self.kernel(x, pa, pb, slots, self.partials, aligned=aligned)
+                self.reduce(self.partials, out)
+            return out
+        if self.path == "empty":
+            return x.new_empty(0, self.n_out)
+        # The fallback: each slot's rows at once; silu(a) * b in float32, rounded once as the kernel does.
+        out = torch.empty(self.A, self.n_out, dtype=torch.float32, device=self.device)  # (A, N)
+        by_slot: dict[int, list[int]] = {}
+        for a, s in enumerate(slots.tolist()):
+            by_slot.setdefault(s, []).append(a)
+        for s, rows in by_slot.items():
+            idx = torch.tensor(rows, device=self.device)
+            xs = x[idx].float()  # (n, K)
+            ys = [xs @ _dequant_torch(p[s], q, self.n_out, self.n_in).T for p, q in zip(pools, self.qtypes)]
+            out[idx] = F.silu(ys[0]) * ys[1] if len(ys) == 2 else ys[0]  # (n, N)
+        return out.to(self.dtype)
+
+
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _scratch(device: torch.device, dtype: torch.dtype, n: int) -> torch.Tensor:
+    """A per-(device, dtype) buffer for dequantized weights, grown to the largest matrix seen: (n,)."""
+    buf = _SCRATCH.get((device, dtype))
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH[(device, dtype)] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n]
+
+
+# --- API ------------------------------------------------------------------------------------------------
 
 
 def dequantize_gpu(
@@ -305,83 +764,18 @@ def dequantize_gpu(
 ) -> torch.Tensor:
     """The (n_out, n_in) matrix held in GGUF bytes w, written into `out` (contiguous, on w's device; its
     dtype wins over `dtype`). Float32 results are bit-exact with dsrun.quants.dequantize."""
-    w = _flat(w, qtype, n_out, n_in)
+    nbytes = _check_type(qtype, n_out, n_in)
+    if w.dtype != torch.uint8 or not w.is_contiguous() or not nbytes <= w.numel() < nbytes + POOL_ALIGN:
+        raise _bad_bytes(w, qtype, n_out, n_in, w.device)
     if out is None:
         out = torch.empty(n_out, n_in, dtype=dtype, device=w.device)
     if out.shape != (n_out, n_in) or not out.is_contiguous() or out.device != w.device:
         raise ValueError(f"out must be a contiguous ({n_out}, {n_in}) tensor on {w.device}")
     if not triton_available(w.device):
         return out.copy_(_dequant_torch(w, qtype, n_out, n_in))
-    row_bytes = matrix_nbytes(qtype, 1, n_in)
-    grid = (triton.cdiv(n_out, _DEQUANT_BN), triton.cdiv(n_in, STEP))
-    # No fused multiply-add: scale * q - min then rounds exactly as dsrun.quants does.
-    _dequant_kernel[grid](
-        w, out, n_out, n_in, row_bytes, **_step_args(qtype), BN=_DEQUANT_BN, enable_fp_fusion=False
-    )
+    launch = _dequant_plan(qtype, n_out, n_in, out.dtype, w.device)
+    launch(w, out, aligned=not (w.data_ptr() | out.data_ptr()) & 15)
     return out
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _split_k(n_out: int, n_steps: int, device: torch.device) -> int:
-    """Split-K parts: a decode GEMV has too few row blocks to keep every SM streaming weights."""
-    if device.type != "cuda":
-        return 1
-    parts = 4 * _sm_count(device.index or 0) // triton.cdiv(n_out, _GEMV_BN)
-    return max(1, min(parts, n_steps // 4))  # each part at least 4 steps
-
-
-def _autotune() -> bool:
-    return not _INTERPRETED and os.environ.get("DSRUN_GPU_QUANT_AUTOTUNE", "1") != "0"
-
-
-def _gemv(
-    x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, n_out: int, n_in: int
-) -> torch.Tensor:
-    """The fused kernel: (T, K) -> (T, N) in x's dtype."""
-    T = x.shape[0]
-    n_steps = triton.cdiv(n_in, STEP)
-    per = triton.cdiv(n_steps, _split_k(n_out, n_steps, x.device))
-    parts = triton.cdiv(n_steps, per)
-    out = torch.empty(T, n_out, dtype=x.dtype, device=x.device)  # (T, N)
-    if parts == 1:
-        dst = out
-    else:  # float32 partial sums, added up after the kernel: deterministic, unlike atomics
-        dst = torch.empty(parts, T, n_out, dtype=torch.float32, device=x.device)  # (P, T, N)
-    dot = T >= DOT_FROM_T
-    args = dict(
-        _step_args(qtype),
-        BT=16 if dot else triton.next_power_of_2(T),
-        DOT=dot,
-        DOT_F32=x.dtype == torch.float32 or _INTERPRETED,
-        enable_fp_fusion=True,  # said outright: Triton 3.9 warns that its default will change
-    )
-    kernel = _gemv_tuned if _autotune() else _gemv_kernel
-    if not _autotune():
-        args.update(BN=_GEMV_BN, num_warps=8)
-
-    def grid(meta):
-        return triton.cdiv(n_out, meta["BN"]), parts
-
-    row_bytes = matrix_nbytes(qtype, 1, n_in)
-    kernel[grid](x, w, dst, T, n_out, n_in, row_bytes, n_steps, per, T * n_out, **args)
-    if parts > 1:
-        out.copy_(dst.sum(0))
-    return out
-
-
-_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def _scratch(device: torch.device, dtype: torch.dtype, n_out: int, n_in: int) -> torch.Tensor:
-    """A per-(device, dtype) buffer for dequantized weights, grown to the largest matrix seen: (N, K)."""
-    buf = _SCRATCH.get((device, dtype))
-    if buf is None or buf.numel() < n_out * n_in:
-        buf = _SCRATCH[(device, dtype)] = torch.empty(n_out * n_in, dtype=dtype, device=device)
-    return buf[: n_out * n_in].view(n_out, n_in)
 
 
 def quantized_matmul(
@@ -397,28 +791,84 @@ def quantized_matmul(
     (..., N) in x's dtype (bf16, f16 or f32), accumulated in float32.
 
     Above FUSED_MAX_T tokens W is dequantized into `scratch` (1-D, x's dtype, at least N * K elements)
-    or, by default, into a buffer shared by all calls on x's device: safe on one stream only.
+    or, by default, into a buffer shared by all calls on x's device; and where split-K pays (few tokens
+    on a GPU), partial sums go to a buffer of the call's shape: so calls on one device keep to one stream.
     """
-    w = _flat(w, qtype, n_out, n_in)
-    if x.shape[-1] != n_in or x.device != w.device or not x.is_floating_point():
-        raise ValueError(
-            f"x must be float (..., {n_in}) on {w.device}; got {x.dtype} {tuple(x.shape)} on {x.device}"
-        )
-    x2 = x.reshape(-1, n_in).contiguous()  # (T, K)
-    T = x2.shape[0]
-    if T == 0:
-        out = x2.new_empty(0, n_out)
-    elif not triton_available(x.device):
-        out = (x2.float() @ _dequant_torch(w, qtype, n_out, n_in).T).to(x.dtype)  # (T, N)
-    elif T <= FUSED_MAX_T:
-        out = _gemv(x2, w, qtype, n_out, n_in)
-    else:
-        if scratch is None:
-            wd = _scratch(x.device, x.dtype, n_out, n_in)
-        else:
-            wd = scratch[: n_out * n_in].view(n_out, n_in)  # (N, K)
-        out = x2 @ dequantize_gpu(w, qtype, n_out, n_in, out=wd).T  # (T, N)
-    return out.view(*x.shape[:-1], n_out)
+    key = ("matmul", qtype, n_out, n_in, x.shape, x.dtype, x.device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _MatmulPlan(qtype, n_out, n_in, x.shape, x.dtype, x.device)
+    return plan(x, w, scratch)
+
+
+class _SwigluPlan:
+    """grouped_swiglu for one (qtypes, F, D, x shape, dtype, device, slot dtype, pool strides): the
+    gate-and-up plan and the down plan, whose input (h) needs no checks."""
+
+    def __init__(self, qtypes, n_ff, n_embd, shape, dtype, device, slot_dtype, strides):
+        self.gate_up = _GroupedPlan(qtypes[:2], n_ff, n_embd, shape, dtype, device, slot_dtype, strides[:2])
+        h_shape = (shape[0], n_ff)  # gate_up has checked shape
+        self.down = _GroupedPlan(qtypes[2:], n_embd, n_ff, h_shape, dtype, device, slot_dtype, strides[2:])
+
+    def __call__(self, x, gate, up, down, slots):
+        self.gate_up.check_pools((gate, up))
+        self.down.check_pools((down,))
+        x, slots = self.gate_up.check(x, slots)
+        h = self.gate_up.run(x, (gate, up), slots)  # (A, F)
+        return self.down.run(h, (down,), slots)  # (A, D)
+
+
+def _grouped(x, pools, slots, qtypes, n_out, n_in) -> torch.Tensor:
+    strides = pools[0].stride(0), pools[-1].stride(0)
+    key = ("grouped", qtypes, n_out, n_in, x.shape, x.dtype, x.device, slots.dtype, strides)
+    plan = _PLANS.get(key)
+    if plan is None:
+        shape, dtype, device = x.shape, x.dtype, x.device
+        plan = _PLANS[key] = _GroupedPlan(qtypes, n_out, n_in, shape, dtype, device, slots.dtype, strides)
+    return plan(x, pools, slots)
+
+
+def grouped_matmul(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    slots: torch.Tensor,
+    qtype: GGMLQuantizationType,
+    n_out: int,
+    n_in: int,
+) -> torch.Tensor:
+    """Row a of x times the matrix in slot slots[a] of `pool`: (A, K) -> (A, N) in x's dtype, all rows in
+    one launch (a decode step's experts of one layer, one row each; a few rows per slot do too, each row
+    reading its slot's weights, mostly from L2).
+
+    pool (S, bytes) is new_pool's; slots (A,) int32 or int64 on x's device, each below S (not checked on a
+    GPU: that would wait for it). Calls on one device keep to one stream (see quantized_matmul).
+    """
+    return _grouped(x, (pool,), slots, (qtype,), n_out, n_in)
+
+
+def grouped_swiglu(
+    x: torch.Tensor,
+    gate_pool: torch.Tensor,
+    up_pool: torch.Tensor,
+    down_pool: torch.Tensor,
+    slots: torch.Tensor,
+    qtypes: tuple[GGMLQuantizationType, GGMLQuantizationType, GGMLQuantizationType],
+    n_ff: int,
+    n_embd: int,
+) -> torch.Tensor:
+    """down(silu(gate x) * up x) of each row with its slot's expert: (A, n_embd) -> (A, n_embd).
+
+    Pools as grouped_matmul's: gate and up hold (n_ff, n_embd) matrices, down (n_embd, n_ff); qtypes are
+    (gate, up, down). Two launches: gate and up in one, silu(gate x) * up x taken in float32 and rounded
+    once to x's dtype, then down; where split-K pays (a few rows), each adds its reduction launch.
+    """
+    strides = gate_pool.stride(0), up_pool.stride(0), down_pool.stride(0)
+    key = ("swiglu", qtypes, n_ff, n_embd, x.shape, x.dtype, x.device, slots.dtype, strides)
+    plan = _PLANS.get(key)
+    if plan is None:
+        shape, dtype, device = x.shape, x.dtype, x.device
+        plan = _PLANS[key] = _SwigluPlan(qtypes, n_ff, n_embd, shape, dtype, device, slots.dtype, strides)
+    return plan(x, gate_pool, up_pool, down_pool, slots)
 
 
 # --- benchmark ------------------------------------------------------------------------------------------
@@ -462,6 +912,24 @@ def _time(fn, n_copies: int, device: torch.device) -> tuple[float, float]:
     return start.elapsed_time(end) / 1e3 / reps, eager
 
 
+def _bench_device(device: str | torch.device) -> tuple[torch.device, int]:
+    """The device with its index, and the bytes of weights that exceed its L2 cache twice (0 off CUDA)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+    return device, 2 * l2
+
+
+def _random_pool(n_slots: int, qtype: GGMLQuantizationType, n_out: int, n_in: int, device) -> torch.Tensor:
+    """A pool whose every slot holds the same random valid matrix."""
+    nbytes = matrix_nbytes(qtype, n_out, n_in)
+    blocks = quants.random_blocks(qtype, nbytes // GGML_QUANT_SIZES[qtype][1], seed=0)
+    pool = new_pool(n_slots, qtype, n_out, n_in, device)
+    pool[:, :nbytes].copy_(torch.from_numpy(blocks).view(1, -1))
+    return pool
+
+
 def benchmark(
     qtype: GGMLQuantizationType, n_out: int, n_in: int, T: int, device: str | torch.device = "cuda"
 ) -> dict[str, float]:
@@ -471,19 +939,10 @@ def benchmark(
     Keys: quant_GBps, bf16_GBps (weight bytes over kernel time), quant_us, bf16_us, and the eager
     per-call times quant_eager_us, bf16_eager_us (Python and launches included).
     """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device, beyond_l2 = _bench_device(device)
     nbytes = matrix_nbytes(qtype, n_out, n_in)
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
-
-    def copies(size: int) -> int:
-        return max(1, -(-2 * l2 // size))
-
-    n_q, n_b = copies(nbytes), copies(2 * n_out * n_in)
-    blocks = quants.random_blocks(qtype, nbytes // GGML_QUANT_SIZES[qtype][1], seed=0)
-    pool = new_pool(n_q, qtype, n_out, n_in, device)
-    pool[:, :nbytes].copy_(torch.from_numpy(blocks).view(1, -1))
+    n_q, n_b = (max(1, -(-beyond_l2 // size)) for size in (nbytes, 2 * n_out * n_in))
+    pool = _random_pool(n_q, qtype, n_out, n_in, device)
     wb = dequantize_gpu(pool[0], qtype, n_out, n_in, dtype=torch.bfloat16).expand(n_b, -1, -1).contiguous()
     x = torch.randn(T, n_in, dtype=torch.bfloat16, device=device)  # (T, K)
     tq, eq = _time(lambda i: quantized_matmul(x, pool[i], qtype, n_out, n_in), n_q, device)
@@ -498,6 +957,52 @@ def benchmark(
     )
 
 
+def benchmark_experts(
+    qtypes: tuple[GGMLQuantizationType, ...],
+    n_ff: int,
+    n_embd: int,
+    A: int,
+    device: str | torch.device = "cuda",
+) -> dict[str, float]:
+    """Microseconds of one token's A experts (one row each, as in decode): grouped_swiglu on quantized
+    slots, against a loop of per-expert swiglus of quantized_matmul ("loop") and of torch.matmul on bf16
+    copies ("bf16"). Each reads from enough experts to exceed the L2 cache.
+
+    Keys: grouped_us, loop_us, bf16_us (kernel time: a CUDA graph replayed) and grouped_eager_us,
+    loop_eager_us, bf16_eager_us (Python and launches included).
+    """
+    device, beyond_l2 = _bench_device(device)
+    shapes = ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))  # gate, up, down
+    expert_bytes = sum(matrix_nbytes(q, *s) for q, s in zip(qtypes, shapes))
+    n_q, n_b = (max(1, -(-beyond_l2 // (A * size))) for size in (expert_bytes, 6 * n_ff * n_embd))
+    pools = [_random_pool(n_q * A, q, *s, device) for q, s in zip(qtypes, shapes)]  # (S, bytes) each
+    slots = [torch.arange(i * A, (i + 1) * A, dtype=torch.int32, device=device) for i in range(n_q)]
+    dense = [torch.randn(n_b * A, *s, dtype=torch.bfloat16, device=device) / n_embd**0.5 for s in shapes]
+    x = torch.randn(A, n_embd, dtype=torch.bfloat16, device=device)  # (A, D): the token once per expert
+    token = x[:1]  # (1, D)
+
+    def grouped(i: int) -> None:
+        grouped_swiglu(x, *pools, slots[i], qtypes, n_ff, n_embd)
+
+    def loop(i: int) -> None:
+        for s in range(i * A, (i + 1) * A):
+            gate, up, down = (p[s] for p in pools)
+            h = F.silu(quantized_matmul(token, gate, qtypes[0], n_ff, n_embd))  # (1, F)
+            h = h * quantized_matmul(token, up, qtypes[1], n_ff, n_embd)
+            quantized_matmul(h, down, qtypes[2], n_embd, n_ff)  # (1, D)
+
+    def bf16(i: int) -> None:
+        for e in range(i * A, (i + 1) * A):
+            gate, up, down = (w[e] for w in dense)
+            (F.silu(token @ gate.T) * (token @ up.T)) @ down.T  # (1, D)
+
+    r = {}
+    for name, fn, n in (("grouped", grouped, n_q), ("loop", loop, n_q), ("bf16", bf16, n_b)):
+        kernel, eager = _time(fn, n, device)
+        r[f"{name}_us"], r[f"{name}_eager_us"] = kernel * 1e6, eager * 1e6
+    return r
+
+
 def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = "triton" if triton_available(device) else "torch fallback"
@@ -510,6 +1015,16 @@ def main() -> None:
                 r = benchmark(qtype, n_out, n_in, T, device)
                 row = " ".join(f"{r[c]:14.1f}" for c in cols)
                 print(f"{qtype.name:6} {n_out:>5}x{n_in:<4} {T:4} {row} {r['bf16_us'] / r['quant_us']:7.2f}x")
+    print()
+    print("One token's A experts (swiglu, F x D = 2048 x 7168, one row each): grouped_swiglu against a loop")
+    print("of per-expert quantized_matmul swiglus and one of bf16 torch.matmul swiglus; microseconds")
+    cols = ("grouped_us", "loop_us", "bf16_us", "grouped_eager_us", "loop_eager_us", "bf16_eager_us")
+    print(f"{'type':6} {'A':>3} " + " ".join(f"{c:>16}" for c in cols) + f" {'eager vs bf16':>14}")
+    for qtype in (Q.Q4_K,):
+        for A in (1, 8):
+            r = benchmark_experts((qtype,) * 3, 2048, 7168, A, device)
+            row = " ".join(f"{r[c]:16.1f}" for c in cols)
+            print(f"{qtype.name:6} {A:3} {row} {r['bf16_eager_us'] / r['grouped_eager_us']:13.2f}x")
 
 
 if __name__ == "__main__":
