@@ -25,6 +25,7 @@ from dsrun.models.moe import swiglu, weighted_experts
 from . import gpu_quant
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
+GROUPED_MAX_ROWS = 64  # assignments up to which quantized slots run a layer as one grouped launch
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,8 @@ class DeviceExpertSlots:
         """Weighted sum of the active assignments' experts: (T, D). Every expert holds a slot here, or,
         with `stream_from` (quantized slots: a prefill), those that do not are copied in as they come."""
         xd = x.to(self.device, self.layout.dtype, non_blocking=True)
+        if self.quantized and stream_from is None and int(active.sum()) <= GROUPED_MAX_ROWS:
+            return self._run_grouped(layer, xd, expert_ids, weights, active)
         turn = iter(range(1 << 30))
 
         def run_one(e: int, rows: torch.Tensor) -> torch.Tensor:
@@ -164,6 +167,17 @@ class DeviceExpertSlots:
             return self.run_expert(self.stream_in(stream_from, e, next(turn) % 2), rows)
 
         return weighted_experts(xd, expert_ids, weights, active, run_one)
+
+    def _run_grouped(self, layer, xd, expert_ids, weights, active) -> torch.Tensor:
+        """A decode step: each active assignment a row, all of a layer's experts in two kernel launches."""
+        tok, k = active.cpu().nonzero(as_tuple=True)  # (A,) each
+        ids = expert_ids.cpu()[tok, k].tolist()
+        slots = torch.tensor([self.slot_of[(layer, e)] for e in ids], dtype=torch.int32).to(self.device)
+        tok_d, k_d = tok.to(self.device), k.to(self.device)
+        F_, D = self.layout.shapes[0]
+        y = gpu_quant.grouped_swiglu(xd[tok_d], *self.pools, slots, self.layout.qtypes, F_, D)  # (A, D)
+        w = weights.to(self.device, xd.dtype)[tok_d, k_d]  # (A,)
+        return torch.zeros_like(xd).index_add_(0, tok_d, y * w[:, None])  # (T, D)
 
     def stream_in(self, source, expert: int, buffer: int) -> tuple[torch.Tensor, ...]:
         """An expert's bytes through pinned staging buffer `buffer` (of two) to the device, on the side

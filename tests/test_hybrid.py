@@ -179,6 +179,15 @@ def test_quantized_slots_keep_the_files_bytes_and_the_answer(tmp_path):
     assert pool.quantized and pool.slot_bytes * 3 < 3 * pool.layout.n_ff * pool.layout.n_embd * 4
     assert eng.offload.counters.device_assignments > 0
     assert rel_diff(quantized, reference) <= 1e-4
+    # decode steps: a layer's resident experts in one grouped launch (its torch fallback here)
+    engines = [dsrun.load(path, ctx=256, gpus=[])]
+    engines.append(dsrun.load(path, ctx=256, gpus=[0], gpu_mem="64MiB", ram="1MiB", offload_options=options))
+    ref, ours = (
+        [t for c in e.generate(tokens, max_tokens=6, temperature=0) for t in c.tokens] for e in engines
+    )
+    assert ours == ref and engines[1].offload.counters.device_assignments > 0
+    for e in engines:
+        e.close()
     # a heavy batch whose cost model says so runs every cold expert on the "GPU", streamed in
     from dsrun.offload.prefill import StreamCost
 
