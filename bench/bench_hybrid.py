@@ -63,7 +63,7 @@ def uniform_routers(eng, seed: int = 7) -> None:
     g = torch.Generator().manual_seed(seed)
     for ffn in eng.offload.routers.values():
         w = ffn.ffn_gate_inp  # (E, D)
-        ffn.ffn_gate_inp = (torch.randn(w.shape, generator=g) * w.float().std()).to(w.device, w.dtype)
+        ffn.ffn_gate_inp = (torch.randn(w.shape, generator=g) * w.float().std().cpu()).to(w.device, w.dtype)
         if getattr(ffn, "exp_probs_b", None) is not None:
             ffn.exp_probs_b = torch.zeros_like(ffn.exp_probs_b)
 

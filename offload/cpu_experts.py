@@ -46,6 +46,7 @@ from . import shards
 
 Q = GGMLQuantizationType
 GROUP = 32  # weights per scale: Q4_0/Q8_0 blocks and Q4_K sub-blocks are 32 wide
+SMALL_COMBINE = 64  # assignments up to which a layer's outputs are summed in numpy
 PROJECTIONS = ("gate", "up", "down")
 ZERO_TOLERANCE = 1e-3  # code units: -bias / scale of an integer zero point is off by float rounding
 REQUANT_4BIT_MAX_BPW = 3.5  # types of at most this many bits per weight requantize to 4 bits, others to 8
@@ -322,11 +323,16 @@ class CPUExperts(ABC):
         x (T, D) float32, expert_ids (T, K) int64, weights (T, K) float32, active (T, K) bool: the
         assignments this call computes (the others run elsewhere and add their share there).
         """
-        out = torch.zeros(x.shape, dtype=torch.float32)
         a = self.assignments(layer, x, expert_ids, weights, active)
-        if a is not None:
-            out.index_add_(0, a.tokens, self._compute(self.layers[layer], a) * a.weights[:, None])
-        return out
+        if a is None:
+            return torch.zeros(x.shape, dtype=torch.float32)
+        y = self._compute(self.layers[layer], a) * a.weights[:, None]  # (A, D)
+        if len(y) > SMALL_COMBINE:
+            return torch.zeros(x.shape, dtype=torch.float32).index_add_(0, a.tokens, y)
+        # numpy, one thread: torch's index_add_ wakes every pool thread, ms per call at decode sizes
+        out = np.zeros(x.shape, dtype=np.float32)
+        np.add.at(out, a.tokens.numpy(), y.numpy())
+        return torch.from_numpy(out)
 
     def assignments(self, layer, x, expert_ids, weights, active) -> Assignments | None:
         # numpy: these few tiny index operations cost ~1 us each there, 3-5 us each in torch

@@ -71,7 +71,8 @@ class HotExpertPolicy:
         wanted = [k for k in wanted if self.scores[k] > 0]
         moves = CacheMoves()
         free = slots - len(resident)
-        evictable = sorted((k for k in resident if k not in set(wanted)), key=lambda k: self.scores[k])
+        keep = set(wanted)
+        evictable = sorted((k for k in resident if k not in keep), key=lambda k: self.scores[k])
         for k in wanted:
             if k in resident or len(moves.promote) >= self.max_moves:
                 continue

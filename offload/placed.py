@@ -186,8 +186,11 @@ class Offload:
             out = home.run(x_cpu, ids, w, cold)  # (T, D)
             rows_per_expert = int(cold.sum()) / max(1, len(np.unique(ids[cold].numpy())))
             self.cost.observe_cpu(rows_per_expert, cold_bytes, cold_flops, time.perf_counter() - t0)
+            out = out.to(
+                x.device, non_blocking=True
+            )  # summed where the layer runs: no copy back of the GPU part
             if device_out is not None:
-                out = out + device_out.to(out.device, out.dtype)
+                out = out + device_out.to(x.device, out.dtype)
         self.prefetch_next(layer, x)
         if layer == self.layers[-1]:  # the step's last MoE layer: the cache may move now
             self.after_step()

@@ -516,7 +516,7 @@ def random_weight_blocks(qtype: GGMLQuantizationType, n_blocks: int, std: float,
             f"random weight blocks are made for {', '.join(q.name for q in _RANDOM_WEIGHT_SPREAD)}"
         )
     type_size = GGML_QUANT_SIZES[qtype][1]
-    blocks = rng.integers(0, 256, (n_blocks, type_size), dtype=np.uint8)
+    blocks = np.frombuffer(bytearray(rng.bytes(n_blocks * type_size)), np.uint8).reshape(n_blocks, type_size)
     d = (std / _RANDOM_WEIGHT_SPREAD[qtype] * rng.uniform(0.8, 1.2, n_blocks)).astype(np.float16)  # (B,)
     blocks[:, 0:2] = d.view(np.uint8).reshape(n_blocks, 2)
     if qtype == Q.Q4_K:
