@@ -1,12 +1,6 @@
 """dsrun: run large Mixture-of-Experts LLMs from GGUF on one workstation."""
 
-import os
-
-# torch's OpenMP threads spin after each op by default, and ggml's threads (dense and expert matmuls) then
-# fight them for the cores: 2-6x slower decode. Read once, when torch first loads, so set it before.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from .errors import (  # noqa: E402
+from .errors import (
     ContextLengthError,
     DsrunError,
     InvalidRequestError,
