@@ -90,7 +90,7 @@ function Test-Gpu {
 # torch: keep one that is there; otherwise the CPU build without an NVIDIA GPU, the CUDA build with one.
 # PyPI's Windows wheels are CPU builds: the CUDA build comes from PyTorch's own index.
 $torchCpu = 'torch==2.13.0'
-$torchAny = 'torch>=2.4,<2.14'
+$torchAny = 'torch>=2.5,<2.14'
 if ($env:DSRUN_TORCH_SPEC) { $torchCpu = $env:DSRUN_TORCH_SPEC; $torchAny = $env:DSRUN_TORCH_SPEC }
 if (Test-Module 'torch') {
     $version = & $py -c "import torch; print(torch.__version__)"

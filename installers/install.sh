@@ -42,11 +42,11 @@ if has_module torch; then
   say "keeping installed torch $("$py" -c 'import torch; print(torch.__version__)')"
 elif has_gpu; then
   say "installing torch (CUDA build)"
-  "${pip[@]}" "${DSRUN_TORCH_SPEC:-torch>=2.4,<2.14}"
+  "${pip[@]}" "${DSRUN_TORCH_SPEC:-torch>=2.5,<2.14}"
 else
   say "installing torch (CPU build)"
   "${pip[@]}" "${DSRUN_TORCH_SPEC:-torch==2.13.0}" \
-    || "${pip[@]}" --index-url https://download.pytorch.org/whl/cpu "torch>=2.4,<2.14"
+    || "${pip[@]}" --index-url https://download.pytorch.org/whl/cpu "torch>=2.5,<2.14"
 fi
 
 # llama-cpp-python is dsrun's reference and tokenizer; it compiles from source (~5 min), with CUDA where it can.

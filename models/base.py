@@ -199,14 +199,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale:
 
     q (n, H, Dk); k (N, G, Dk); v (N, G, Dv) with H a multiple of G; returns (n, H, Dv).
     """
-    n, H = q.shape[0], q.shape[1]
-    G = k.shape[1]
-    if G != H:  # grouped-query: query head h reads KV head h // (H / G)
-        k = k.repeat_interleave(H // G, dim=1)  # (N, H, Dk)
-        v = v.repeat_interleave(H // G, dim=1)  # (N, H, Dv)
-    mask = causal_mask(start, n, k.shape[0], q.device)
+    n, H, G = q.shape[0], q.shape[1], k.shape[1]
+    # one new row sees the whole cache: no mask; grouped-query heads map in the kernel, no repeated K/V
+    mask = None if n == 1 else causal_mask(start, n, k.shape[0], q.device)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=G != H,
     )  # (H, n, Dv)
     return out.transpose(0, 1)  # (n, H, Dv)
 

@@ -184,6 +184,8 @@ def run_graph(
     x2 = x.reshape(-1, x.shape[-1])  # (T, K)
     T, K = x2.shape
     widths = [m.shape[0] for m in matrices] if kind != "swiglu" else [matrices[2].shape[0]]
+    if T == 0:  # no rows (a chunk that asks for no logits): ggml would leave the results unallocated
+        return [x2.new_zeros(*lead_shape, n) for n in widths]
     key = (kind, tuple(id(m) for m in matrices), T)
     graph = matrices[0].graphs.get(key)
     if graph is None:

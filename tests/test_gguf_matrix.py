@@ -68,3 +68,10 @@ def test_float_types_and_the_exact_switch_stay_on_torch(monkeypatch):
     assert gm.load_matrix(q.info) is not None
     monkeypatch.setenv("DSRUN_DENSE", "torch")
     assert gm.load_matrix(q.info) is None
+
+
+def test_no_rows_gives_no_rows():
+    """Regression: a prefill chunk that wants no logits ran the head on 0 rows and read a NULL result."""
+    m = matrix(Q.Q8_0, 32, 64)
+    assert m(torch.zeros(0, 64)).shape == (0, 32)
+    assert gm.linears(torch.zeros(0, 64), [m, m])[1].shape == (0, 32)
