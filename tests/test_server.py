@@ -34,7 +34,10 @@ class Server:
         args = ["serve", "--port", "0", "--socket", self.socket, "--ctx", str(MODEL_CTX)]
         with open(self.log, "wb") as log:
             cmd = [sys.executable, "-m", "dsrun.cli", *args, "--threads", THREADS, *extra]
-            self.proc = subprocess.Popen(cmd, stderr=log, stdout=log)
+            # exact dense path: prefix reuse re-runs only a prompt's last token, and ggml's quantized
+            # kernels can round that one step apart from a full prefill at near-ties (README: prefix cache)
+            env = os.environ | {"DSRUN_DENSE": "torch"}
+            self.proc = subprocess.Popen(cmd, stderr=log, stdout=log, env=env)
         self.port = int(self.wait_for_log(r"listening on http://127\.0\.0\.1:(\d+)").group(1))
         self.url = f"http://127.0.0.1:{self.port}"
 
