@@ -73,11 +73,17 @@ def worker_dsrun(args, prompt: list[int], decode: list[int]) -> dict:
     t0 = time.perf_counter()
     eng.model.forward(Batch.single(prompt, cache))
     prefill_s = time.perf_counter() - t0
+    before = eng.offload.counters.cpu_assignments if eng.offload else 0
     t0 = time.perf_counter()
     for tok in decode:
         eng.model.forward(Batch.single([tok], cache))
     decode_s = time.perf_counter() - t0
-    return {"load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s, "stats": eng.stats()}
+    result = {"load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s, "stats": eng.stats()}
+    if eng.offload:  # one token a step: each CPU assignment reads its whole expert once
+        homes = eng.offload.homes.values()
+        per_expert = sum(h.source.expert_bytes() for h in homes) / len(homes)
+        result["cpu_expert_bytes"] = (eng.offload.counters.cpu_assignments - before) * per_expert
+    return result
 
 
 def worker_llama_cpp(args, prompt: list[int], decode: list[int]) -> dict:
@@ -154,12 +160,27 @@ def spawn(args, side: str, prompt: list[int], decode: list[int]) -> dict:
 
 
 def summarize(r: dict, n_prompt: int, n_decode: int) -> dict:
-    return {
+    out = {
         "load_s": round(r["load_s"], 3),
         "prefill_tok_s": round(n_prompt / r["prefill_s"], 2),
         "decode_tok_s": round(n_decode / r["decode_s"], 2),
         "peak_rss_mib": round(r["peak_rss_bytes"] / 2**20, 1),
     }
+    if r.get("cpu_expert_bytes"):
+        out["cpu_expert_read_gb_s"] = round(r["cpu_expert_bytes"] / r["decode_s"] / 1e9, 2)
+    return out
+
+
+def expert_bandwidth_share(results: dict) -> dict | None:
+    """CPU experts' bytes read per second of decode against this machine's measured RAM read bandwidth.
+    The decode time includes everything else a step does, so this is a floor on the experts' own rate."""
+    rate = results["dsrun"].get("cpu_expert_read_gb_s")
+    if not rate:
+        return None
+    from .doctor import memory_read_bandwidth
+
+    ram = memory_read_bandwidth() / 1e9
+    return {"cpu_expert_read_gb_s": rate, "ram_read_gb_s": round(ram, 1), "share": round(rate / ram, 3)}
 
 
 def run(args) -> int:
@@ -174,6 +195,9 @@ def run(args) -> int:
         results["ratio"] = {
             k: round(ours[k] / ref[k], 3) for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_mib")
         }
+    share = expert_bandwidth_share(results)
+    if share:
+        results["expert_bandwidth"] = share
     if not args.no_predict:
         results["prediction"] = predict(args, len(prompt), len(decode), results["dsrun"]["decode_tok_s"])
     if args.dequant:
@@ -237,6 +261,12 @@ def print_report(report: dict) -> None:
         table.add_row(key, *[str(report[s].get(key, "")) for s in sides])
     console = Console()
     console.print(table)
+    if "expert_bandwidth" in report:
+        eb = report["expert_bandwidth"]
+        console.print(
+            f"CPU experts read {eb['cpu_expert_read_gb_s']} GB/s over the decode: {100 * eb['share']:.0f}% "
+            f"of the {eb['ram_read_gb_s']} GB/s this machine reads (decode time includes all of a step)"
+        )
     if "prediction" in report:
         pr = report["prediction"]
         ms = {k: 1e3 * v for k, v in pr["seconds"].items() if k.endswith("_s")}

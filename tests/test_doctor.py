@@ -158,3 +158,13 @@ def test_gpu_measurements():
     gpu = doctor.gpu_info()[0]
     assert gpu["device"] == "cuda:0" and gpu["memory_bytes"] >= gpu["free_bytes"] > 0
     assert gpu["memory_bandwidth"] > gpu["host_to_device_bandwidth"] > 1e9
+
+
+def test_bench_reports_the_cpu_experts_read_rate():
+    """The worker's count of CPU expert bytes becomes a rate over the decode time; no experts, no rate."""
+    from dsrun.bench import summarize
+
+    worker = {"load_s": 1.0, "prefill_s": 2.0, "decode_s": 4.0, "peak_rss_bytes": 2**30}
+    assert "cpu_expert_read_gb_s" not in summarize(worker, 10, 8)
+    rates = summarize(worker | {"cpu_expert_bytes": 20e9}, 10, 8)
+    assert rates["cpu_expert_read_gb_s"] == 5.0 and rates["decode_tok_s"] == 2.0
