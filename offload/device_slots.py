@@ -12,6 +12,7 @@ Legend: S slots, F expert width, D model width, E experts per layer, T tokens, K
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from dataclasses import dataclass
 
@@ -158,7 +159,7 @@ class DeviceExpertSlots:
         xd = x.to(self.device, self.layout.dtype, non_blocking=True)
         if self.quantized and stream_from is None and int(active.sum()) <= GROUPED_MAX_ROWS:
             return self._run_grouped(layer, xd, expert_ids, weights, active)
-        turn = iter(range(1 << 30))
+        turn = itertools.count()  # alternates the two staging buffers
 
         def run_one(e: int, rows: torch.Tensor) -> torch.Tensor:
             slot = self.slot_of.get((layer, e))

@@ -178,10 +178,8 @@ class Offload:
                 out = self._run_streamed(slots, home, x, ids, weights, cold_bytes)
             else:  # launched before the CPU part so the device computes while the CPU does
                 device_out = slots.run(layer, x, ids, weights, on_device) if on_device.any() else None
-        self._count(layer, ids, resident, on_device)
-        if streamed:
-            self.counters.streamed_assignments += int(cold.sum())
-        else:
+        self._count(layer, ids, resident, on_device, streamed)
+        if not streamed:
             t0 = time.perf_counter()
             out = home.run(x_cpu, ids, w, cold)  # (T, D)
             rows_per_expert = int(cold.sum()) / max(1, len(np.unique(ids[cold].numpy())))
@@ -211,12 +209,18 @@ class Offload:
         self.cost.observe_stream(cold_bytes, time.perf_counter() - t0)
         return out
 
-    def _count(self, layer: int, expert_ids: torch.Tensor, resident: np.ndarray, on_device) -> None:
+    def _count(
+        self, layer: int, expert_ids: torch.Tensor, resident: np.ndarray, on_device, streamed: bool = False
+    ) -> None:
+        """Counts of where this layer's assignments ran; cold ones of a streamed batch ran on the GPU."""
         ids = expert_ids.cpu().numpy()
         self.policy.observe(layer, ids, resident)
         n_dev = int(on_device.sum())
         self.counters.device_assignments += n_dev
-        self.counters.cpu_assignments += ids.size - n_dev
+        if streamed:
+            self.counters.streamed_assignments += ids.size - n_dev
+        else:
+            self.counters.cpu_assignments += ids.size - n_dev
         guess = self.predicted.pop(layer, None)
         if guess is not None:
             actual = set(ids.ravel().tolist())
