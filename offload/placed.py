@@ -11,6 +11,7 @@ Legend: T tokens, K experts per token, D model width, F expert width, E experts 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import threading
@@ -350,6 +351,8 @@ class Offload:
                 "prefetch_accuracy": c.predicted_hits / c.predicted_total if c.predicted_total else None,
                 "cpu_assignments": c.cpu_assignments,
                 "device_assignments": c.device_assignments,
+                "streamed_assignments": c.streamed_assignments,
+                "stream_cost": dataclasses.asdict(self.cost),  # the rates the prefill choice learned
             },
         }
 

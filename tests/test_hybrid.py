@@ -199,5 +199,6 @@ def test_quantized_slots_keep_the_files_bytes_and_the_answer(tmp_path):
     eng.offload.policy.max_moves = 0
     streamed = eng.logits(tokens)
     assert eng.offload.counters.streamed_assignments > 0 and eng.offload.counters.cpu_assignments == 0
+    assert eng.stats()["experts"]["streamed_assignments"] == eng.offload.counters.streamed_assignments
     eng.close()
     assert rel_diff(streamed, reference) <= 1e-4
