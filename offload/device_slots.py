@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
+from dsrun.models.gguf_matrix import FLOAT_TYPES
 from dsrun.models.moe import swiglu, weighted_experts
 
 from . import gpu_quant
 
-FLOAT_TYPES = ("F32", "F16", "BF16")
 GROUPED_MAX_ROWS = 64  # assignments up to which quantized slots run a layer as one grouped launch
 
 
@@ -46,7 +46,7 @@ class SlotLayout:
         for float experts (parity references) and on a CPU."""
         qtypes = tuple(i.qtype for i in source.infos.values())  # gate, up, down
         kernels_fit = all(q in gpu_quant.QUANT_TYPES for q in qtypes)
-        exact = all(q.name in FLOAT_TYPES for q in qtypes)
+        exact = all(q in FLOAT_TYPES for q in qtypes)
         dtype = torch.float32 if device.type != "cuda" or exact else torch.bfloat16
         keep = kernels_fit and (device.type == "cuda" if quantized is None else quantized)
         return cls(source.n_ff, source.n_embd, dtype, qtypes if keep else None)
@@ -111,10 +111,10 @@ class DeviceExpertSlots:
     def fetch(self, source, expert: int) -> tuple[torch.Tensor, ...]:
         """What a slot copies in, read from the expert's home (no lock held: forward keeps running):
         its GGUF bytes for quantized slots, else its dequantized weights."""
-        if self.quantized:
-            parts = (torch.from_numpy(np.array(i.data[expert])).view(-1) for i in source.infos.values())
-            # a pinned copy crosses PCIe ~8x faster than pageable memory
-            return tuple(p.pin_memory() if self.stream is not None else p for p in parts)
+        if self.quantized:  # pinned: it crosses PCIe ~8x faster than pageable memory
+            pin = self.stream is not None
+            raws = [read_only_bytes(i.data[expert]) for i in source.infos.values()]
+            return tuple(torch.empty_like(r, pin_memory=pin).copy_(r) for r in raws)
         return source.dequant(expert)
 
     def load(self, layer: int, expert: int, parts: tuple[torch.Tensor, ...]) -> None:

@@ -169,7 +169,7 @@ class Offload:
             )
             on_device = torch.from_numpy(resident)[ids]  # (T, K)
             cold = ~on_device
-            cold_bytes, cold_flops = self._cold_work(home, ids, cold)
+            n_cold, cold_bytes, cold_flops = self._cold_work(home, ids, cold)
             streamed = (
                 slots is not None
                 and slots.quantized
@@ -183,7 +183,7 @@ class Offload:
         if not streamed:
             t0 = time.perf_counter()
             out = home.run(x_cpu, ids, w, cold)  # (T, D)
-            rows_per_expert = int(cold.sum()) / max(1, len(np.unique(ids[cold].numpy())))
+            rows_per_expert = int(cold.sum()) / max(1, n_cold)
             self.cost.observe_cpu(rows_per_expert, cold_bytes, cold_flops, time.perf_counter() - t0)
             out = out.to(
                 x.device, non_blocking=True
@@ -195,11 +195,11 @@ class Offload:
             self.after_step()
         return out.to(x.device, x.dtype)
 
-    def _cold_work(self, home: HomeExperts, ids: torch.Tensor, cold: torch.Tensor) -> tuple[int, int]:
-        """Bytes of the distinct experts the CPU part would read, and its multiply-adds x 2."""
+    def _cold_work(self, home: HomeExperts, ids: torch.Tensor, cold: torch.Tensor) -> tuple[int, int, int]:
+        """The distinct experts the CPU part would read, their bytes, and its multiply-adds x 2."""
         n_experts = len(np.unique(ids[cold].numpy()))
         flops = 2 * 3 * home.source.n_ff * home.source.n_embd * int(cold.sum())
-        return n_experts * home.source.expert_bytes(), flops
+        return n_experts, n_experts * home.source.expert_bytes(), flops
 
     def _run_streamed(self, slots, home, x, ids, weights, cold_bytes: int) -> torch.Tensor:
         t0 = time.perf_counter()

@@ -447,7 +447,6 @@ TINY_STEPS = 24  # decode steps timed on the stand-in (after a few untimed)
 KV_SAMPLE_BYTES = 512 << 20  # at most this much F32 cache is allocated to time attention over
 TINY_CONTEXT = 16  # cached tokens of the attention call that stands for its fixed cost
 BYTES_PER_CALL = 8 << 20  # the dense mat-vec benchmark reads at least this much per call
-FLOAT_TYPES = ("F32", "F16", "BF16")  # run by torch in float32, whatever the file stores
 
 
 def decode_costs(
@@ -531,11 +530,12 @@ def dense_rate(qtype, width: int, threads: int) -> float:
     (dsrun's dense path), float types in float32 through torch (twice the bytes of F16)."""
     from gguf import GGML_QUANT_SIZES
 
+    from .models.gguf_matrix import FLOAT_TYPES
     from .offload.backend_ggml import ggml
     from .offload.cpu_experts import LayerShape
 
     block, type_size = GGML_QUANT_SIZES[qtype]
-    if qtype.name in FLOAT_TYPES or ggml() is None:
+    if qtype in FLOAT_TYPES or ggml() is None:
         return torch_matvec_rate(width) * type_size / block / 4
     d = max(block, width // block * block)
     per_matrix = d * d * type_size // block
@@ -774,6 +774,7 @@ def write_tiny_llama(path: Path, spec: dict) -> None:
     as F32, which dsrun runs them in); random weights, no tokenizer (the stand-in is fed token ids)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
+    from .models.gguf_matrix import FLOAT_TYPES
     from .synth import encode
 
     d, n_head, head_dim = TINY_WIDTH, 4, TINY_WIDTH // 4
@@ -791,7 +792,7 @@ def write_tiny_llama(path: Path, spec: dict) -> None:
 
     def matrix(name: str, rows: int, cols: int, like: str) -> None:
         qtype = GGMLQuantizationType[spec["types"].get(like, "F32")]
-        if qtype.name in FLOAT_TYPES or cols % GGML_QUANT_SIZES[qtype][0]:
+        if qtype in FLOAT_TYPES or cols % GGML_QUANT_SIZES[qtype][0]:
             qtype = GGMLQuantizationType.F32
         values = rng.standard_normal((rows, cols), dtype=np.float32) / np.sqrt(cols)
         data = encode(values, qtype)
