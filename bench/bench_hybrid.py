@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 import dsrun
+from dsrun.bench import profiled_decode
 from dsrun.offload.placed import Counters
 from dsrun.offload.planner import Plan
 from dsrun.synth import synthesize
@@ -198,6 +200,10 @@ def run_config(
     warm, _ = greedy_tokens(eng, prompt, args.warmup)  # the cache learns from this generation
     eng.offload.wait_idle()
     tokens, decode_s = greedy_tokens(eng, prompt + warm, args.decode)
+    profile = None
+    if args.profile:  # more tokens, with the step's time split
+        extra = prompt + warm + tokens
+        profile = profiled_decode(eng, lambda: greedy_tokens(eng, extra, args.profile)[1], args.profile)
     prefill_s = prefill_seconds(eng, long_prompt)
     stats = eng.stats()["experts"]
     result = {
@@ -208,6 +214,8 @@ def run_config(
         "experts_total": stats["total"],
         "promotions": stats["promotions"],
         "backend": eng.offload.homes[eng.offload.layers[0]].backend.name,
+        "decode_path": eng.stats()["decode"],
+        "profile_ms_per_token": profile,
         "tokens": tokens,
     }
     eng.close()
@@ -273,6 +281,12 @@ def main() -> None:
         "--n-cpu-moe", type=int, action="append", default=[], help="llama.cpp static splits to run"
     )
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--profile", type=int, default=0, help="decode this many more tokens, time split per token"
+    )
+    p.add_argument(
+        "--graphs", default="on", help="on, off or on,off: decode replayed from CUDA graphs, eagerly, or both"
+    )
     p.add_argument("--cpu-as-gpu", action="store_true", help="no CUDA: put the GPU tier's tensors on the CPU")
     args = p.parse_args()
     rng = np.random.default_rng(0)
@@ -290,14 +304,17 @@ def main() -> None:
     routings = args.routings.split(",")
     for routing in routings:
         for config in args.configs.split(","):
-            r = run_config(path, config, routing, args, prompt, long_prompt)
-            report["results"][f"{routing}/{config}"] = r
-            print(
-                f"{routing:8s} {config:12s} decode {r['decode_tok_s']:7.2f} tok/s  prefill "
-                f"{r['prefill_tok_s']:8.1f} tok/s  hit {r['hit_rate']:.3f}  gpu experts {r['gpu_experts']}"
-                f"/{r['experts_total']}  promotions {r['promotions']}  ({r['backend']})",
-                flush=True,
-            )
+            for graphs in args.graphs.split(","):
+                os.environ["DSRUN_CUDA_GRAPHS"] = "1" if graphs == "on" else "0"
+                r = run_config(path, config, routing, args, prompt, long_prompt)
+                name = f"{routing}/{config}" + ("" if graphs == "on" else "/eager")
+                report["results"][name] = r
+                print(
+                    f"{name:24s} decode {r['decode_tok_s']:7.2f} tok/s  prefill {r['prefill_tok_s']:8.1f}"
+                    f" tok/s  hit {r['hit_rate']:.3f}  gpu experts {r['gpu_experts']}/{r['experts_total']}"
+                    f"  promotions {r['promotions']}  ({r['backend']})  profile {r['profile_ms_per_token']}",
+                    flush=True,
+                )
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))
     if args.parity:

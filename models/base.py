@@ -41,7 +41,7 @@ class Batch:
 
     def positions(self) -> torch.Tensor:
         """Absolute position of every row: each sequence continues where its cache ends."""
-        return torch.cat([torch.arange(s.cache.n, s.cache.n + s.n) for s in self.seqs])  # (T,)
+        return torch.cat([s.cache.positions(s.n) for s in self.seqs])  # (T,)
 
     @classmethod
     def single(cls, tokens: list[int] | torch.Tensor, cache: KVCache, all_logits: bool = False) -> Batch:
@@ -73,6 +73,10 @@ class KVCache:
         for b, p in zip(bufs, parts):
             b[self.n : need] = p
         return [b[:need] for b in bufs]
+
+    def positions(self, n_new: int) -> torch.Tensor:
+        """Where the next n_new tokens go: (n_new,)."""
+        return torch.arange(self.n, self.n + n_new)
 
     def commit(self, n_new: int) -> None:
         self.n += n_new
@@ -188,20 +192,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool
     return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)  # (T, H, D)
 
 
-def causal_mask(start: int, n: int, total: int, device: torch.device | None = None) -> torch.Tensor:
-    """(n, N) boolean: the row at position start + i sees cached positions 0 .. start + i."""
-    q_pos = torch.arange(start, start + n, device=device)[:, None]
+def causal_mask(
+    start: int | torch.Tensor, n: int, total: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """(n, N) boolean: the row at position start + i sees cached positions 0 .. start + i. `start` may be a
+    0-d tensor on the device (a captured step reads its position there)."""
+    q_pos = (torch.arange(n, device=device) + start)[:, None]
     return torch.arange(total, device=device)[None, :] <= q_pos
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor, scale: float
+) -> torch.Tensor:
     """Causal attention of one sequence's new rows over its cache.
 
     q (n, H, Dk); k (N, G, Dk); v (N, G, Dv) with H a multiple of G; returns (n, H, Dv).
     """
     n, H, G = q.shape[0], q.shape[1], k.shape[1]
-    # one new row sees the whole cache: no mask; grouped-query heads map in the kernel, no repeated K/V
-    mask = None if n == 1 else causal_mask(start, n, k.shape[0], q.device)
+    # one new row sees the whole cache: no mask (but a start on the device is a captured step over a
+    # cache of fixed length, not yet written past it); grouped-query heads map in the kernel
+    whole = n == 1 and not torch.is_tensor(start)
+    mask = None if whole else causal_mask(start, n, k.shape[0], q.device)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1),
         k.transpose(0, 1),

@@ -85,6 +85,8 @@ class DeviceExpertSlots:
         self.slot_of: dict[tuple[int, int], int] = {}
         self.free = list(range(n_slots - 1, -1, -1))
         self.resident = np.zeros((n_layers, n_experts), dtype=bool)  # (L, E) which experts have a slot
+        # the same on the device, each expert's slot or -1: a captured step looks its experts up there
+        self.table = torch.full((n_layers, n_experts), -1, dtype=torch.int32, device=self.device)  # (L, E)
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda else None  # copies overlap compute
         self.bytes_moved = 0
@@ -122,17 +124,21 @@ class DeviceExpertSlots:
         if not self.free:
             raise RuntimeError("no free expert slot: demote before promoting")
         slot = self.free.pop()
+        if self.stream is not None:  # work queued on the slot's previous expert is done before the copy
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             for pool, src in zip(self.pools, parts):
                 dst = pool[slot, : src.numel()] if self.quantized else pool[slot]
                 dst.copy_(src, non_blocking=True)
         if self.stream is not None:  # compute on the default stream waits for the copy, not the host
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self.table[layer, expert] = slot  # in stream order: steps queued from now on see it
         self.slot_of[(layer, expert)] = slot
         self.resident[layer, expert] = True
         self.bytes_moved += self.slot_bytes
 
     def drop(self, layer: int, expert: int) -> None:
+        self.table[layer, expert] = -1
         self.free.append(self.slot_of.pop((layer, expert)))
         self.resident[layer, expert] = False
 
@@ -156,9 +162,11 @@ class DeviceExpertSlots:
     ) -> torch.Tensor:
         """Weighted sum of the active assignments' experts: (T, D). Every expert holds a slot here, or,
         with `stream_from` (quantized slots: a prefill), those that do not are copied in as they come."""
+        if self.quantized and stream_from is None and expert_ids.numel() <= GROUPED_MAX_ROWS:
+            # the active assignments are those whose expert holds a slot: the device's table says which
+            x, ids, w = (t.to(self.device, non_blocking=True) for t in (x, expert_ids, weights))
+            return self.run_resident(layer, x, ids, w)
         xd = x.to(self.device, self.layout.dtype, non_blocking=True)
-        if self.quantized and stream_from is None and int(active.sum()) <= GROUPED_MAX_ROWS:
-            return self._run_grouped(layer, xd, expert_ids, weights, active)
         turn = itertools.count()  # alternates the two staging buffers
 
         def run_one(e: int, rows: torch.Tensor) -> torch.Tensor:
@@ -169,16 +177,18 @@ class DeviceExpertSlots:
 
         return weighted_experts(xd, expert_ids, weights, active, run_one)
 
-    def _run_grouped(self, layer, xd, expert_ids, weights, active) -> torch.Tensor:
-        """A decode step: each active assignment a row, all of a layer's experts in two kernel launches."""
-        tok, k = active.cpu().nonzero(as_tuple=True)  # (A,) each
-        ids = expert_ids.cpu()[tok, k].tolist()
-        slots = torch.tensor([self.slot_of[(layer, e)] for e in ids], dtype=torch.int32).to(self.device)
-        tok_d, k_d = tok.to(self.device), k.to(self.device)
+    def run_resident(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Weighted sum of the assignments whose expert holds a slot here, the others left out: (T, D) in
+        x's dtype, every assignment a row of one grouped launch (quantized slots, a few tokens). The slots
+        are looked up in the device's table, so nothing waits for the host: a CUDA graph captures this."""
+        T, K = expert_ids.shape
         F_, D = self.layout.shapes[0]
-        y = gpu_quant.grouped_swiglu(xd[tok_d], *self.pools, slots, self.layout.qtypes, F_, D)  # (A, D)
-        w = weights.to(self.device, xd.dtype)[tok_d, k_d]  # (A,)
-        return torch.zeros_like(xd).index_add_(0, tok_d, y * w[:, None])  # (T, D)
+        rows = x.to(self.layout.dtype)[:, None, :].expand(T, K, D).reshape(T * K, D)  # (T*K, D): one per k
+        slots = self.table[layer][expert_ids].flatten()  # (T*K,) -1 where the expert has no slot
+        y = gpu_quant.grouped_swiglu(rows, *self.pools, slots, self.layout.qtypes, F_, D)  # (T*K, D), 0 at -1
+        return (y.view(T, K, D).float() * weights.float()[..., None]).sum(1).to(x.dtype)  # (T, D)
 
     def stream_in(self, source, expert: int, buffer: int) -> tuple[torch.Tensor, ...]:
         """An expert's bytes through pinned staging buffer `buffer` (of two) to the device, on the side

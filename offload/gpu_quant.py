@@ -289,8 +289,9 @@ def _grouped_kernel(
     a = tl.program_id(0)  # rows vary fastest: rows that share a slot read its blocks at about the same time
     rows = tl.program_id(1) * BN + tl.arange(0, BN)  # (BN,)
     part = tl.program_id(2)
-    rmask = rows < n_out
     slot = tl.load(slots + a).to(tl.int64)  # a pool may pass 2 GiB: int64 slot offsets
+    rmask = rows < tl.where(slot >= 0, n_out, 0)  # a negative slot reads nothing: its row comes out zero
+    slot = tl.maximum(slot, 0)
     w_a = wa + slot * slot_bytes_a
     w_b = wb + slot * slot_bytes_b
     x_row = x + a * n_in
@@ -304,12 +305,13 @@ def _grouped_kernel(
                 w_b, rows * row_bytes_b, rmask, step, x_row, n_in, QTYPE_B, S_B, W_B, SB_B, MIN_B
             )
     dst = out + part * part_stride + a * n_out + rows
+    smask = rows < n_out
     if GLU and FINAL:
-        tl.store(dst, (acc_a * tl.sigmoid(acc_a) * acc_b).to(out.dtype.element_ty), mask=rmask)
+        tl.store(dst, (acc_a * tl.sigmoid(acc_a) * acc_b).to(out.dtype.element_ty), mask=smask)
     else:
-        tl.store(dst, acc_a.to(out.dtype.element_ty), mask=rmask)
+        tl.store(dst, acc_a.to(out.dtype.element_ty), mask=smask)
         if GLU:
-            tl.store(dst + b_offset, acc_b, mask=rmask)
+            tl.store(dst + b_offset, acc_b, mask=smask)
 
 
 @_jit
@@ -733,6 +735,9 @@ class _GroupedPlan:
             by_slot.setdefault(s, []).append(a)
         for s, rows in by_slot.items():
             idx = torch.tensor(rows, device=self.device)
+            if s < 0:  # no expert: the kernel's zeros
+                out[idx] = 0
+                continue
             xs = x[idx].float()  # (n, K)
             ys = [xs @ _dequant_torch(p[s], q, self.n_out, self.n_in).T for p, q in zip(pools, self.qtypes)]
             out[idx] = F.silu(ys[0]) * ys[1] if len(ys) == 2 else ys[0]  # (n, N)
@@ -841,7 +846,9 @@ def grouped_matmul(
     reading its slot's weights, mostly from L2).
 
     pool (S, bytes) is new_pool's; slots (A,) int32 or int64 on x's device, each below S (not checked on a
-    GPU: that would wait for it). Calls on one device keep to one stream (see quantized_matmul).
+    GPU: that would wait for it), or negative: that row reads no weights and comes out zero (an expert
+    with no slot, in a step whose lookup ran on the device). Calls on one device keep to one stream (see
+    quantized_matmul).
     """
     return _grouped(x, (pool,), slots, (qtype,), n_out, n_in)
 

@@ -125,6 +125,7 @@ class Counters:
     promotions: int = 0
     demotions: int = 0
     streamed_assignments: int = 0  # cold assignments of heavy batches run on a GPU, their experts streamed
+    cpu_expert_s: float = 0.0  # time in the CPU part of MoE layers
 
 
 class Offload:
@@ -149,6 +150,7 @@ class Offload:
         self.lock = threading.Lock()  # slot tables change in the mover thread, are read by forward
         self.predicted: dict[int, set[int]] = {}
         self.routers: dict[int, object] = {}  # MoE layer -> its MoE FFN, for pre-gating the next layer
+        self.graph = None  # the DecodeGraph whose step is running, if one is
         self.background = background
         self.jobs: queue.Queue = queue.Queue(maxsize=1)
         self.mover = threading.Thread(target=self._move_loop, daemon=True) if background else None
@@ -161,39 +163,57 @@ class Offload:
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """The layer's routed-expert output (T, D) for the router's assignments, split by tier."""
+        if self.graph is not None:  # a DecodeGraph's step: it splits the step here and calls back
+            return self.graph.split(layer, x, expert_ids, weights)
         ids, w, x_cpu = expert_ids.cpu(), weights.cpu(), x.cpu()  # the one device-to-host sync of the layer
         slots, home = self.slots.get(layer), self.homes[layer]
         with self.lock:
-            resident = (
-                slots.resident[layer].copy() if slots is not None else np.zeros(home.source.n_expert, bool)
-            )
+            resident = self.resident(layer)
             on_device = torch.from_numpy(resident)[ids]  # (T, K)
             cold = ~on_device
-            n_cold, cold_bytes, cold_flops = self._cold_work(home, ids, cold)
-            streamed = (
-                slots is not None
-                and slots.quantized
-                and self.cost.should_stream(len(ids), cold_bytes, cold_flops)
-            )
+            work = self._cold_work(home, ids, cold)
+            streamed = slots is not None and slots.quantized and self.cost.should_stream(len(ids), *work[1:])
             if streamed:  # a heavy batch: all of it on the GPU, cold experts copied in as they come
-                out = self._run_streamed(slots, home, x, ids, weights, cold_bytes)
+                out = self._run_streamed(slots, home, x, ids, weights, work[1])
             else:  # launched before the CPU part so the device computes while the CPU does
                 device_out = slots.run(layer, x, ids, weights, on_device) if on_device.any() else None
         self._count(layer, ids, resident, on_device, streamed)
         if not streamed:
-            t0 = time.perf_counter()
-            out = home.run(x_cpu, ids, w, cold)  # (T, D)
-            rows_per_expert = int(cold.sum()) / max(1, n_cold)
-            self.cost.observe_cpu(rows_per_expert, cold_bytes, cold_flops, time.perf_counter() - t0)
-            out = out.to(
-                x.device, non_blocking=True
-            )  # summed where the layer runs: no copy back of the GPU part
+            # summed where the layer runs: no copy back of the GPU part
+            out = self.run_cold(layer, x_cpu, ids, w, cold, work).to(x.device, non_blocking=True)
             if device_out is not None:
                 out = out + device_out.to(x.device, out.dtype)
-        self.prefetch_next(layer, x)
-        if layer == self.layers[-1]:  # the step's last MoE layer: the cache may move now
-            self.after_step()
+        self.finish_layer(layer, x)
         return out.to(x.device, x.dtype)
+
+    def resident(self, layer: int) -> np.ndarray:
+        """Which of the layer's experts hold a GPU slot now, a copy (E,); call under the lock."""
+        slots = self.slots.get(layer)
+        return (
+            slots.resident[layer].copy()
+            if slots is not None
+            else np.zeros(self.homes[layer].source.n_expert, bool)
+        )
+
+    def run_cold(
+        self, layer: int, x_cpu, ids, w, cold, work: tuple[int, int, int] | None = None
+    ) -> torch.Tensor:
+        """The CPU part (T, D): the cold assignments, from RAM or the mapped file, timed for the prefill
+        cost model."""
+        home = self.homes[layer]
+        n_cold, cold_bytes, cold_flops = work or self._cold_work(home, ids, cold)
+        t0 = time.perf_counter()
+        out = home.run(x_cpu, ids, w, cold)  # (T, D)
+        seconds = time.perf_counter() - t0
+        self.cost.observe_cpu(int(cold.sum()) / max(1, n_cold), cold_bytes, cold_flops, seconds)
+        self.counters.cpu_expert_s += seconds
+        return out
+
+    def finish_layer(self, layer: int, x: torch.Tensor) -> None:
+        """A MoE layer is done: page in what the next one will want; after the last, the cache may move."""
+        self.prefetch_next(layer, x)
+        if layer == self.layers[-1]:
+            self.after_step()
 
     def _cold_work(self, home: HomeExperts, ids: torch.Tensor, cold: torch.Tensor) -> tuple[int, int, int]:
         """The distinct experts the CPU part would read, their bytes, and its multiply-adds x 2."""
@@ -232,8 +252,8 @@ class Offload:
         """Pre-gating: the next MoE layer's router on this layer's input predicts its experts; those
         living in the mapped file are paged in now so the read overlaps this layer's compute."""
         nxt = next((i for i in self.layers if i > layer), None)
-        if nxt is None or nxt not in self.routers:
-            return
+        if nxt is None or nxt not in self.routers or self.homes[nxt].ram_mask.all():
+            return  # (all in RAM: nothing to page in, and the guess would cost a wait for the device)
         with torch.no_grad():
             ids, _ = self.routers[nxt].route(x)
         guess = set(ids.cpu().flatten().tolist())

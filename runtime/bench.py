@@ -38,6 +38,11 @@ def add_arguments(p) -> None:
         help="skip the decode speed predicted from this machine's measurements (dsrun doctor -m)",
     )
     p.add_argument("--dequant", action="store_true", help="also measure dequantization MB/s per quant type")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="split dsrun's decode time per token: GPU work, CPU experts, waits, launches, the rest",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", choices=["dsrun", "llama.cpp"], help=argparse.SUPPRESS)
 
@@ -74,16 +79,53 @@ def worker_dsrun(args, prompt: list[int], decode: list[int]) -> dict:
     eng.model.forward(Batch.single(prompt, cache))
     prefill_s = time.perf_counter() - t0
     before = eng.offload.counters.cpu_assignments if eng.offload else 0
-    t0 = time.perf_counter()
-    for tok in decode:
-        eng.model.forward(Batch.single([tok], cache))
-    decode_s = time.perf_counter() - t0
+
+    def run_decode() -> float:
+        t0 = time.perf_counter()
+        for tok in decode:
+            eng.model.forward(Batch.single([tok], cache))
+        return time.perf_counter() - t0
+
+    if args.profile:
+        profile = profiled_decode(eng, run_decode, len(decode))
+        decode_s = profile.pop("seconds")
+    else:
+        decode_s = run_decode()
     result = {"load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s, "stats": eng.stats()}
+    if args.profile:
+        result["profile_ms_per_token"] = profile
     if eng.offload:  # one token a step: each CPU assignment reads its whole expert once
         homes = eng.offload.homes.values()
         per_expert = sum(h.source.expert_bytes() for h in homes) / len(homes)
         result["cpu_expert_bytes"] = (eng.offload.counters.cpu_assignments - before) * per_expert
     return result
+
+
+def profiled_decode(eng, run_decode, n: int) -> dict:
+    """Run a decode (`run_decode()` returns its seconds) and split its time per token, in ms: where CUDA
+    graphs replayed it, the GPU time of the dense and expert graphs, the host's launches, waits for the GPU,
+    CPU experts and the rest; on the eager path, the CPU experts and the rest."""
+    from .decode_graph import StepTimes
+
+    decoder = getattr(eng, "decoder", None)
+    if decoder is not None:
+        decoder.times = StepTimes()  # events around each graph: a few microseconds a step
+    cpu0 = eng.offload.counters.cpu_expert_s if eng.offload else 0.0
+    seconds = run_decode()
+    times = decoder.times if decoder is not None else None
+    if decoder is not None:
+        decoder.times = None
+    if times is not None and times.steps:
+        return {"seconds": seconds, "path": "cuda graphs", **times.per_token_ms()}
+    cpu = eng.offload.counters.cpu_expert_s - cpu0 if eng.offload else 0.0
+    ms = 1e3 / max(1, n)
+    return {
+        "seconds": seconds,
+        "path": "eager",
+        "total": round(seconds * ms, 3),
+        "cpu_experts": round(cpu * ms, 3),
+        "rest": round((seconds - cpu) * ms, 3),
+    }
 
 
 def worker_llama_cpp(args, prompt: list[int], decode: list[int]) -> dict:
@@ -149,6 +191,8 @@ def spawn(args, side: str, prompt: list[int], decode: list[int]) -> dict:
     ):
         if value is not None:
             cmd += [flag, str(value)]
+    if args.profile and side == "dsrun":
+        cmd.append("--profile")
     proc = subprocess.run(
         cmd, input=json.dumps({"prompt": prompt, "decode": decode}), capture_output=True, text=True
     )
@@ -168,6 +212,8 @@ def summarize(r: dict, n_prompt: int, n_decode: int) -> dict:
     }
     if r.get("cpu_expert_bytes"):
         out["cpu_expert_read_gb_s"] = round(r["cpu_expert_bytes"] / r["decode_s"] / 1e9, 2)
+    if "profile_ms_per_token" in r:
+        out["profile_ms_per_token"] = r["profile_ms_per_token"]
     return out
 
 
@@ -266,6 +312,12 @@ def print_report(report: dict) -> None:
         console.print(
             f"CPU experts read {eb['cpu_expert_read_gb_s']} GB/s over the decode: {100 * eb['share']:.0f}% "
             f"of the {eb['ram_read_gb_s']} GB/s this machine reads (decode time includes all of a step)"
+        )
+    if "profile_ms_per_token" in report["dsrun"]:
+        prof = dict(report["dsrun"]["profile_ms_per_token"])
+        path = prof.pop("path")
+        console.print(
+            f"dsrun decode per token ({path}), ms: " + ", ".join(f"{k} {v}" for k, v in prof.items())
         )
     if "prediction" in report:
         pr = report["prediction"]

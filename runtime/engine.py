@@ -127,8 +127,9 @@ class Engine:
         if cpu_backend is not None or "backend" not in options:
             options["backend"] = cpu_expert_backend(self.file, cpu_backend, threads)
         self.offload = attach_offload(self.model, self.file, self.plan, **options)
-        self._place_dense(options.get("device_map") or {})
         self.ctx = ctx
+        self.decoder = None  # single-token steps recorded as CUDA graphs, where they serve
+        self._place_dense(options.get("device_map") or {})
         self.lock = threading.Lock()  # one generation at a time through this object
         self.load_seconds = time.perf_counter() - t0
         self.timings = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
@@ -140,6 +141,7 @@ class Engine:
 
     def _place_dense(self, device_map: dict[str, str]) -> None:
         """Non-expert weights to the GPUs the plan gives their layers; logits come back to the CPU."""
+        from dsrun.decode_graph import for_model
         from dsrun.models.base import place_model
 
         devices = [device_map.get(d, d) for d in self.plan.layer_devices]
@@ -147,8 +149,14 @@ class Engine:
             return
         place_model(self.model, devices)
         on_device = self.model.forward
-        # sampling, numpy and the server read logits on the CPU: one copy per step, of the rows asked for
-        self.model.forward = lambda batch: on_device(batch).cpu()
+        self.decoder = for_model(self.model, self.offload, devices, self.ctx, on_device)
+
+        def forward(batch):  # sampling, numpy and the server read logits on the CPU: one copy per step
+            if self.decoder is not None and self.decoder.takes(batch):
+                return self.decoder.step(batch).cpu()
+            return on_device(batch).cpu()
+
+        self.model.forward = forward
 
     @property
     def name(self) -> str:
@@ -284,6 +292,7 @@ class Engine:
                 "decode": t["decode_tokens"] / t["decode_s"] if t["decode_s"] else None,
             },
             "timings": dict(t),
+            "decode": self.decoder.report() if self.decoder is not None else {"cuda_graphs": False},
         }
 
     def activation_profile(self):

@@ -284,6 +284,22 @@ def test_grouped_swiglu_matches_f32(device, qtypes, A, dtype):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+@pytest.mark.parametrize("parts", [1, 3])
+def test_grouped_swiglu_negative_slots_are_zero_rows(device, parts, monkeypatch):
+    """A row whose slot is negative (an expert the device does not hold, looked up in a captured step)
+    comes out zero, whole or split-K, and the other rows are as if it were not there."""
+    monkeypatch.setattr(gq, "_split_k", lambda n_programs, n_steps, device: parts)
+    n_ff, n_embd = 256, 1024
+    shapes = ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))
+    pools, refs = zip(*(slot_pool(Q.Q4_K, *s, 3, device, seed=10 * i) for i, s in enumerate(shapes)))
+    x = tokens(4, n_embd, torch.bfloat16, seed=3)
+    s = torch.tensor([2, -1, 0, -1], dtype=torch.int32, device=device)
+    y = gq.grouped_swiglu(x.to(device), *pools, s, (Q.Q4_K,) * 3, n_ff, n_embd).cpu()  # (4, D)
+    assert (y[[1, 3]] == 0).all()
+    assert_swiglu(y[[0, 2]], x[[0, 2]], *refs, [2, 0])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")
 @pytest.mark.parametrize("device", TRITON_BACKENDS, indirect=True)
 def test_grouped_split_k(device, monkeypatch):
     """Split-K over gate and up's 4 steps (2 + 2), added up (with silu(g) * u) by the reduction kernel;
