@@ -34,7 +34,7 @@ from .base import (
     rope_cos_sin,
     rope_inv_freq,
 )
-from .gguf_matrix import linear
+from .gguf_matrix import linear, linears, load_heads, per_head
 from .moe import MoEFFN, Routing, SwiGLU
 
 YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0  # llama.cpp's YaRN correction range (its defaults)
@@ -139,13 +139,18 @@ def rope_magnitude_and_kq_scale(cfg: Config) -> tuple[float, float]:
     return magnitude, mscale * mscale / math.sqrt(cfg.qk_nope_dim + cfg.qk_rope_dim)
 
 
-def attend_latent(q: torch.Tensor, kv: torch.Tensor, n_latent: int, start: int, scale: float) -> torch.Tensor:
+def attend_latent(
+    q: torch.Tensor, kv: torch.Tensor, n_latent: int, start: int | torch.Tensor, scale: float
+) -> torch.Tensor:
     """Causal attention of every head over one shared key per position (MQA without copying the cache).
 
     q (n, H, C + R); kv (N, C + R), whose first C columns are also the values; returns (n, H, C).
     """
     n, H, width = q.shape
-    mask = causal_mask(start, n, kv.shape[0], q.device).repeat_interleave(H, dim=0)  # (n*H, N)
+    # one new row sees the whole cache: no mask (building one cost more than the attention at decode);
+    # but a start on the device is a recorded step over a fixed-length cache, not written past it
+    whole = n == 1 and not torch.is_tensor(start)
+    mask = None if whole else causal_mask(start, n, kv.shape[0], q.device).repeat_interleave(H, dim=0)
     out = F.scaled_dot_product_attention(
         q.reshape(1, n * H, width), kv[None], kv[None, :, :n_latent], attn_mask=mask, scale=scale
     )  # (1, n*H, C)
@@ -161,6 +166,11 @@ class Attention:
 
         def proj(name: str):
             return load_linear(f, f"blk.{i}.{name}.weight")
+
+        def heads(name: str, shape: tuple[int, int, int]):  # left quantized where ggml runs it
+            info = f.tensor(f"blk.{i}.{name}.weight")
+            stack = load_heads(info) if tuple(info.shape) == shape else None
+            return w(name).view(shape) if stack is None else stack
 
         self.cfg = cfg
         H, C, P, Dv = cfg.n_head, cfg.kv_lora_rank, cfg.qk_nope_dim, cfg.v_head_dim
@@ -179,36 +189,33 @@ class Attention:
             kv_b = kv_b.view(H, P + Dv, C)  # (H, P+Dv, C)
             self.attn_k_b = kv_b[:, :P].transpose(1, 2).contiguous()  # (H, C, P)
             self.attn_v_b = kv_b[:, P:].contiguous()  # (H, Dv, C)
-        else:
-            self.attn_k_b = w("attn_k_b").view(H, C, P)  # (H, C, P)
-            self.attn_v_b = w("attn_v_b").view(H, Dv, C)  # (H, Dv, C)
+        else:  # quantized, 4-7x fewer bytes a token than float32
+            self.attn_k_b = heads("attn_k_b", (H, C, P))  # (H, C, P)
+            self.attn_v_b = heads("attn_v_b", (H, Dv, C))  # (H, Dv, C)
         self.attn_output = proj("attn_output")  # (D, H*Dv)
-
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.cfg
-        if c.q_lora_rank:
-            q = linear(rms_norm(linear(x, self.attn_q_a), self.attn_q_a_norm, c.norm_eps), self.attn_q_b)
-        else:
-            q = linear(x, self.attn_q)
-        return q.unflatten(-1, (c.n_head, c.qk_nope_dim + c.qk_rope_dim))  # (T, H, P+R)
 
     def __call__(
         self, x: torch.Tensor, batch: Batch, layer: int, rope: tuple, kq_scale: float
     ) -> torch.Tensor:
         c = self.cfg
         cos, sin = rope
-        q_nope, q_pe = self.query(x).split([c.qk_nope_dim, c.qk_rope_dim], dim=-1)  # (T, H, P), (T, H, R)
-        latent, k_pe = linear(x, self.attn_kv_a_mqa).split([c.kv_lora_rank, c.qk_rope_dim], dim=-1)
+        # the query's first projection and the latent's read the same x: one ggml graph
+        q, kv_a = linears(x, [self.attn_q_a if c.q_lora_rank else self.attn_q, self.attn_kv_a_mqa])
+        if c.q_lora_rank:
+            q = linear(rms_norm(q, self.attn_q_a_norm, c.norm_eps), self.attn_q_b)
+        q = q.unflatten(-1, (c.n_head, c.qk_nope_dim + c.qk_rope_dim))  # (T, H, P+R)
+        q_nope, q_pe = q.split([c.qk_nope_dim, c.qk_rope_dim], dim=-1)  # (T, H, P), (T, H, R)
+        latent, k_pe = kv_a.split([c.kv_lora_rank, c.qk_rope_dim], dim=-1)  # (T, C), (T, R)
         latent = rms_norm(latent, self.attn_kv_a_norm, c.norm_eps)  # (T, C)
         k_pe = apply_rope(k_pe[:, None, :], cos, sin, neox=False)[:, 0]  # (T, R)
-        q_latent = torch.einsum("thp,hcp->thc", q_nope, self.attn_k_b)  # (T, H, C): k_b folded into q
+        q_latent = per_head(q_nope, self.attn_k_b)  # (T, H, C): k_b folded into q
         q = torch.cat([q_latent, apply_rope(q_pe, cos, sin, neox=False)], dim=-1)  # (T, H, C+R)
         kv_new = torch.cat([latent, k_pe], dim=-1)  # (T, C+R): all this layer caches per token
         out = torch.empty(x.shape[0], c.n_head, c.kv_lora_rank, device=x.device)  # (T, H, C)
         for s in batch.seqs:
             (kv,) = s.cache.append(layer, kv_new[s.rows])  # (N, C+R)
             out[s.rows] = attend_latent(q[s.rows], kv, c.kv_lora_rank, s.cache.n, kq_scale)
-        heads = torch.einsum("thc,hvc->thv", out, self.attn_v_b)  # (T, H, Dv): v_b folded into the output
+        heads = per_head(out, self.attn_v_b)  # (T, H, Dv): v_b folded into the output
         return linear(heads.flatten(1), self.attn_output)  # (T, D)
 
 

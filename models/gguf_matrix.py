@@ -41,18 +41,23 @@ def available() -> bool:
 
 
 class GGUFMatrix:
-    """An (N, K) quantized weight as it lies in the mapped file, with a ggml tensor header over it."""
+    """An (N, K) quantized weight as it lies in the mapped file, with a ggml tensor header over it; or a
+    stack (H, N, K) of one such matrix per head, multiplied by `per_head`."""
 
     def __init__(self, info: TensorInfo):
         g = _ggml()
         lib = g.ggml()
         self.lib = lib  # kept for __del__, which may run while Python shuts down
         self.info = info
-        self.shape = tuple(info.shape)  # (N, K)
-        N, K = self.shape
+        self.shape = tuple(info.shape)  # (N, K) or (H, N, K)
         self.data = g.aligned(info.data)  # the file's bytes: must outlive the tensor pointing into them
         self.ctx = lib.ggml_init(g.InitParams(g.SCRATCH_OVERHEAD >> 8, None, True))  # one header
-        self.tensor = lib.ggml_new_tensor_2d(self.ctx, int(info.qtype), K, N)  # ne (K, N)
+        if len(self.shape) == 3:
+            H, N, K = self.shape
+            self.tensor = lib.ggml_new_tensor_3d(self.ctx, int(info.qtype), K, N, H)  # ne (K, N, H)
+        else:
+            N, K = self.shape
+            self.tensor = lib.ggml_new_tensor_2d(self.ctx, int(info.qtype), K, N)  # ne (K, N)
         self.buffer = lib.ggml_backend_cpu_buffer_from_ptr(self.data.ctypes.data, self.data.nbytes)
         if lib.ggml_backend_tensor_alloc(self.buffer, self.tensor, self.data.ctypes.data) != 0:
             raise RuntimeError(f"ggml could not map {info.name}")
@@ -87,7 +92,7 @@ class GGUFMatrix:
         device = torch.device(device)
         if device.type == "cpu":
             return self
-        if self.info.qtype in gpu_quant.QUANT_TYPES:
+        if self.info.qtype in gpu_quant.QUANT_TYPES and len(self.shape) == 2:
             return DeviceMatrix(self, device)
         return self.dequantize().to(device)
 
@@ -124,56 +129,76 @@ class DeviceMatrix:
 def load_matrix(info: TensorInfo) -> GGUFMatrix | None:
     """A GGUFMatrix for a quantized 2-D tensor when ggml is there; None where torch should run it
     (dequantized to float32; also everywhere with DSRUN_DENSE=torch, the exact reference path)."""
+    return _quantized(info, 2)
+
+
+def load_heads(info: TensorInfo) -> GGUFMatrix | None:
+    """The same for a stack of per-head matrices (H, N, K), run by `per_head`."""
+    return _quantized(info, 3)
+
+
+def _quantized(info: TensorInfo, ndim: int) -> GGUFMatrix | None:
     if os.environ.get("DSRUN_DENSE", "ggml") == "torch":
         return None
-    if info.qtype in FLOAT_TYPES or len(info.shape) != 2 or not available():
+    if info.qtype in FLOAT_TYPES or len(info.shape) != ndim or not available():
         return None
     return GGUFMatrix(info)
 
 
 class Graph:
-    """A ggml graph from a (T, K) float32 input to its outputs, in memory of its own."""
+    """A ggml graph from a (T, K) float32 input to its outputs, in memory of its own.
 
-    def __init__(
-        self, T: int, K: int, out_widths: Sequence[int], matrix_widths: Sequence[int], build: Callable
-    ):
+    Everything a call does not change is made once: torch views over the input and the outputs, and the
+    compute plan per thread count, so a call is a copy in, one ggml_graph_compute and a copy out.
+    """
+
+    def __init__(self, in_shape: tuple, out_shapes: Sequence[tuple], floats: int, build: Callable):
+        """in_shape (T, K) or (H, T, K) in torch order; out_shapes likewise; `floats`: what the input,
+        the outputs and the temporaries take."""
         g = _ggml()
         lib = g.ggml()
-        # the input, each matrix's product and one temporary as wide (swiglu's), with alignment slack
-        floats = T * (K + 2 * sum(matrix_widths)) + 64 * (2 * len(matrix_widths) + 4)
         self.lib = lib
         self.memory = np.empty(g.SCRATCH_OVERHEAD + 4 * floats, np.uint8)
         self.ctx = lib.ggml_init(g.InitParams(self.memory.nbytes, self.memory.ctypes.data, False))
-        self.x = lib.ggml_new_tensor_2d(self.ctx, g.GGML_TYPE_F32, K, T)  # ne (K, T)
+        ne = tuple(reversed(in_shape))  # ggml's order: (K, T) or (K, T, H)
+        new_tensor = lib.ggml_new_tensor_2d if len(ne) == 2 else lib.ggml_new_tensor_3d
+        self.x = new_tensor(self.ctx, g.GGML_TYPE_F32, *ne)
         self.outputs = build(lib, self.ctx, self.x)
         self.graph = lib.ggml_new_graph(self.ctx)
         for out in self.outputs:
             lib.ggml_build_forward_expand(self.graph, out)
-        self.shapes = [(T, n) for n in out_widths]
-        self.x_bytes = T * K * 4
+        self.x_in = _float_view(lib, self.x, in_shape)  # over the graph's input
+        self.results = [_float_view(lib, out, shape) for out, shape in zip(self.outputs, out_shapes)]
+        self.plans: dict[int, tuple] = {}  # threads -> (plan, the work buffer it points into)
 
     def __del__(self):
         if getattr(self, "ctx", None):
             self.lib.ggml_free(self.ctx)
 
     def __call__(self, x: torch.Tensor, threads: int) -> list[torch.Tensor]:
-        g = _ggml()
-        lib = g.ggml()
-        x = x.detach().to(torch.float32).contiguous()
-        C.memmove(lib.ggml_get_data(self.x), x.data_ptr(), self.x_bytes)
+        self.x_in.copy_(x.detach())  # to float32 where it is not
         with _WORK_LOCK:
-            plan = lib.ggml_graph_plan(self.graph, threads, g.shared_threadpool(threads))
-            if _WORK[0].nbytes < plan.work_size:
-                _WORK[0] = np.empty(2 * plan.work_size, np.uint8)
-            plan.work_data = _WORK[0].ctypes.data
-            if lib.ggml_graph_compute(self.graph, C.byref(plan)) != 0:
+            plan, work = self.plans.get(threads, (None, None))
+            if work is not _WORK[0]:  # first call at this thread count, or the work buffer grew since
+                plan = self._plan(threads)
+                self.plans[threads] = plan, _WORK[0]
+            if self.lib.ggml_graph_compute(self.graph, C.byref(plan)) != 0:
                 raise RuntimeError("ggml graph compute failed")
-        return [_result(lib, out, shape) for out, shape in zip(self.outputs, self.shapes)]
+        return [r.clone() for r in self.results]  # the graph's memory is reused by the next call
+
+    def _plan(self, threads: int):
+        g = _ggml()
+        plan = self.lib.ggml_graph_plan(self.graph, threads, g.shared_threadpool(threads))
+        if _WORK[0].nbytes < plan.work_size:
+            _WORK[0] = np.empty(2 * plan.work_size, np.uint8)
+        plan.work_data = _WORK[0].ctypes.data
+        return plan
 
 
-def _result(lib, tensor, shape: tuple[int, int]) -> torch.Tensor:
+def _float_view(lib, tensor, shape: tuple) -> torch.Tensor:
+    """A float32 ggml tensor's data as a torch tensor sharing its memory."""
     data = np.ctypeslib.as_array(C.cast(lib.ggml_get_data(tensor), C.POINTER(C.c_float)), shape=shape)
-    return torch.from_numpy(data.copy())  # (T, N): the graph's memory is reused by the next call
+    return torch.from_numpy(data)
 
 
 def run_graph(
@@ -189,11 +214,40 @@ def run_graph(
     key = (kind, tuple(id(m) for m in matrices), T)
     graph = matrices[0].graphs.get(key)
     if graph is None:
-        graph = Graph(T, K, widths, [m.shape[0] for m in matrices], build)
+        # the input, each matrix's product and one temporary as wide (swiglu's), with alignment slack
+        floats = T * (K + 2 * sum(m.shape[0] for m in matrices)) + 64 * (2 * len(matrices) + 4)
+        graph = Graph((T, K), [(T, n) for n in widths], floats, build)
         if T <= REUSED_ROWS:
             matrices[0].graphs[key] = graph
     outs = graph(x2, torch.get_num_threads())
     return [o.reshape(*lead_shape, o.shape[-1]) for o in outs]
+
+
+def per_head(x: torch.Tensor, w: torch.Tensor | GGUFMatrix) -> torch.Tensor:
+    """Each head's rows times that head's matrix: x (T, H, K), w (H, N, K) -> (T, H, N).
+
+    A quantized stack runs as one ggml mul_mat batched over heads, as llama.cpp runs MLA's k_b and v_b
+    (activations rounded to the type's dot-product partner); a float one as an einsum.
+    """
+    if isinstance(w, torch.Tensor):
+        return torch.einsum("thk,hnk->thn", x, w)
+    T, H, K = x.shape
+    N = w.shape[1]
+    if T == 0:
+        return x.new_zeros(0, H, N)
+    key = ("per_head", id(w), T)
+    graph = w.graphs.get(key)
+    if graph is None:
+        graph = Graph(
+            (H, T, K),
+            [(H, T, N)],
+            H * T * (K + N) + 256,
+            lambda lib, ctx, xt: [lib.ggml_mul_mat(ctx, w.tensor, xt)],
+        )  # input ne (K, T, H), product ne (N, T, H)
+        if T <= REUSED_ROWS:
+            w.graphs[key] = graph
+    (out,) = graph(x.transpose(0, 1), torch.get_num_threads())  # (H, T, N)
+    return out.transpose(0, 1)  # (T, H, N)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | GGUFMatrix, bias: torch.Tensor | None = None) -> torch.Tensor:

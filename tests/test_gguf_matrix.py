@@ -75,3 +75,46 @@ def test_no_rows_gives_no_rows():
     m = matrix(Q.Q8_0, 32, 64)
     assert m(torch.zeros(0, 64)).shape == (0, 32)
     assert gm.linears(torch.zeros(0, 64), [m, m])[1].shape == (0, 32)
+
+
+def head_stack(qtype: Q, heads: int, n: int, k: int, seed: int = 0) -> gm.GGUFMatrix:
+    blocks = random_weight_blocks(
+        qtype, heads * n * k // (256 if qtype == Q.Q4_K else 32), 0.05, np.random.default_rng(seed)
+    )
+    info = TensorInfo(f"s{seed}", qtype, (heads, n, k), blocks.reshape(heads, n, -1), Path("-"), 0)
+    return gm.load_heads(info)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K])
+@pytest.mark.parametrize("rows", [1, 3, 12])
+def test_per_head_products_match_the_einsum_of_the_dequantized_stack(qtype, rows):
+    """MLA's k_b / v_b left quantized: one mul_mat batched over heads, on strided input (a split view)."""
+    w = head_stack(qtype, 4, 64, 256)
+    assert w is not None and w.shape == (4, 64, 256)
+    x = torch.randn(rows, 4, 300)[..., :256]  # (T, H, K), not contiguous
+    ref = gm.per_head(x, w.dequantize())  # the float path: an einsum
+    assert torch.allclose(ref, torch.einsum("thk,hnk->thn", x, w.dequantize()))
+    got = gm.per_head(x, w)
+    assert got.shape == (rows, 4, 64) and rel(got, ref) < 2e-2
+    assert torch.equal(gm.per_head(x, w), got)  # a kept graph gives the same answer twice
+    assert gm.per_head(torch.zeros(0, 4, 256), w).shape == (0, 4, 64)
+
+
+def test_head_stacks_stay_float_where_ggml_does_not_run_them(monkeypatch):
+    f32 = TensorInfo("f", Q.F32, (2, 4, 32), np.zeros((2, 4, 32), np.float32), Path("-"), 0)
+    assert gm.load_heads(f32) is None
+    q = head_stack(Q.Q8_0, 2, 4, 32)
+    assert gm.load_matrix(q.info) is None  # a stack is not a 2-D projection
+    assert gm.load_heads(matrix(Q.Q8_0, 4, 32).info) is None  # nor the other way round
+    monkeypatch.setenv("DSRUN_DENSE", "torch")
+    assert gm.load_heads(q.info) is None
+
+
+def test_kept_graph_reads_each_new_input():
+    """A kept graph copies each call's input in: consecutive calls with different rows differ."""
+    m = matrix(Q.Q8_0, 32, 64)
+    a, b = torch.randn(1, 64), torch.randn(1, 64)
+    ya, yb = m(a), m(b)
+    assert not torch.equal(ya, yb)
+    assert torch.equal(m(a), ya)  # and its earlier result was a copy, not a view of the graph's memory
+    assert torch.equal(m(a.double()), ya)  # other dtypes are copied in as float32
