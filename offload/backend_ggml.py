@@ -5,10 +5,12 @@ converted or copied, every GGUF type ggml runs is supported, and the numerics ar
 activations are quantized to the type's dot-product partner, Q8_K for K-quants, as llama.cpp does).
 Experts not in RAM are paged in from the file on first use, so the NVMe tier needs no extra work.
 
-A call builds a four-node graph in a scratch context, the way llama.cpp's build_moe_ffn does:
-`mul_mat_id` for gate and up (one row per assignment, its expert as the row's id), `swiglu_split`,
-`mul_mat_id` for down; it runs on one ggml thread pool per process whose threads sleep between calls
-(poll 0), so they leave the cores to torch in between.
+A layer's call runs a four-node graph, the way llama.cpp's build_moe_ffn does: `mul_mat_id` for gate
+and up (one row per assignment, its expert as the row's id), `swiglu_split`, `mul_mat_id` for down; it
+runs on one ggml thread pool per process whose threads sleep between calls (poll 0), so they leave the
+cores to torch in between. Graphs of decode sizes (up to KEPT_ASSIGNMENTS) are built once per layer and
+assignment count, their activations in one arena per count that every layer shares (calls run one at a
+time): a decode step copies x and the expert ids in, computes, and copies the rows out.
 
 The bindings below follow the ggml.h / ggml-cpu.h that llama-cpp-python installs (site-packages/include);
 `unavailable_reason` refuses the backend if a symbol is missing.
@@ -37,6 +39,9 @@ GGML_TYPE_F32, GGML_TYPE_I32 = 0, 26
 MAX_THREADS = 512  # GGML_MAX_N_THREADS
 TENSOR_ALIGNMENT = 32  # ggml asserts (and aborts the process) on a less aligned buffer
 SCRATCH_OVERHEAD = 1 << 20  # tensor and graph headers of a call's context, with room to spare
+KEPT_ASSIGNMENTS = 16  # expert graphs for up to this many assignments are kept (decode, small batches)
+GRAPH_NODES = 16  # room in an expert graph (it has 4 nodes and 2 inputs)
+ACTIVATION_ALIGNMENT = 64
 _POINTER = C.c_void_p
 
 
@@ -77,6 +82,10 @@ SIGNATURES = {  # name -> (library, result, argument types)
     "ggml_mul_mat_id": ("base", _POINTER, [_POINTER, _POINTER, _POINTER, _POINTER]),
     "ggml_swiglu_split": ("base", _POINTER, [_POINTER, _POINTER, _POINTER]),
     "ggml_new_graph": ("base", _POINTER, [_POINTER]),
+    "ggml_new_graph_custom": ("base", _POINTER, [_POINTER, C.c_size_t, C.c_bool]),
+    "ggml_graph_overhead_custom": ("base", C.c_size_t, [C.c_size_t, C.c_bool]),
+    "ggml_tensor_overhead": ("base", C.c_size_t, []),
+    "ggml_nbytes": ("base", C.c_size_t, [_POINTER]),
     "ggml_build_forward_expand": ("base", None, [_POINTER, _POINTER]),
     "ggml_backend_tensor_alloc": ("base", C.c_int, [_POINTER, _POINTER, _POINTER]),
     "ggml_backend_buffer_free": ("base", None, [_POINTER]),
@@ -158,6 +167,7 @@ class LayerTensors:
                 raise RuntimeError(f"ggml could not map {info.name}")
             self.tensors.append(t)
         self.hidden, self.ff = infos[0].shape[2], infos[0].shape[1]
+        self.graphs: dict[int, ExpertGraph] = {}  # kept graphs by assignment count
 
     def __del__(self):
         lib = ggml()
@@ -165,6 +175,61 @@ class LayerTensors:
             lib.ggml_backend_buffer_free(buffer)  # frees the wrapper only: the bytes are the file's
         if getattr(self, "ctx", None):
             lib.ggml_free(self.ctx)
+
+
+class Arena:
+    """Activation memory for graphs of A assignments (x, ids, gate, up, act, y), with torch/numpy views
+    of the input and output rows."""
+
+    def __init__(self, A: int, D: int, F_: int, memory: np.ndarray | None = None):
+        lib = ggml()
+        self.A, self.D, self.F = A, D, F_
+        sizes = [4 * A * D, 4 * A, 4 * A * F_, 4 * A * F_, 4 * A * F_, 4 * A * D]  # x ids gate up act y
+        self.offsets = np.cumsum([0] + [-(-n // ACTIVATION_ALIGNMENT) * ACTIVATION_ALIGNMENT for n in sizes])
+        need = int(self.offsets[-1]) + ACTIVATION_ALIGNMENT
+        if memory is None or memory.nbytes < need:
+            memory = np.empty(need, np.uint8)
+        self.memory = memory  # the buffer and the views point into it
+        self.address = memory.ctypes.data + (-memory.ctypes.data % ACTIVATION_ALIGNMENT)
+        self.buffer = lib.ggml_backend_cpu_buffer_from_ptr(self.address, need - ACTIVATION_ALIGNMENT)
+        base = self.address - memory.ctypes.data
+        self.x = torch.from_numpy(memory[base : base + 4 * A * D].view(np.float32).reshape(A, D))  # (A, D)
+        ids_at = base + int(self.offsets[1])
+        self.ids = memory[ids_at : ids_at + 4 * A].view(np.int32)  # (A,)
+        y_at = base + int(self.offsets[5])
+        self.y = torch.from_numpy(memory[y_at : y_at + 4 * A * D].view(np.float32).reshape(A, D))  # (A, D)
+
+    def __del__(self):
+        if getattr(self, "buffer", None):
+            ggml().ggml_backend_buffer_free(self.buffer)  # the wrapper only: the memory is numpy's
+
+
+class ExpertGraph:
+    """One layer's graph for an arena's A assignments: headers in memory of its own, the plan made once."""
+
+    def __init__(self, state: LayerTensors, arena: Arena):
+        lib = ggml()
+        self.lib, self.arena = lib, arena
+        A, D = arena.A, arena.D
+        size = 8 * lib.ggml_tensor_overhead() + lib.ggml_graph_overhead_custom(GRAPH_NODES, False)
+        self.headers = np.empty(size + 1024, np.uint8)
+        self.ctx = lib.ggml_init(InitParams(self.headers.nbytes, self.headers.ctypes.data, True))
+        x = lib.ggml_new_tensor_3d(self.ctx, GGML_TYPE_F32, D, 1, A)  # ne (D, 1, A): a row per assignment
+        ids = lib.ggml_new_tensor_2d(self.ctx, GGML_TYPE_I32, 1, A)  # ne (1, A): its expert
+        gate_w, up_w, down_w = state.tensors
+        gate, up = lib.ggml_mul_mat_id(self.ctx, gate_w, x, ids), lib.ggml_mul_mat_id(self.ctx, up_w, x, ids)
+        act = lib.ggml_swiglu_split(self.ctx, gate, up)  # ne (F, 1, A)
+        y = lib.ggml_mul_mat_id(self.ctx, down_w, act, ids)  # ne (D, 1, A)
+        for tensor, offset in zip((x, ids, gate, up, act, y), arena.offsets):
+            if lib.ggml_backend_tensor_alloc(arena.buffer, tensor, arena.address + int(offset)) != 0:
+                raise RuntimeError("ggml could not place an expert graph's activations")
+        self.graph = lib.ggml_new_graph_custom(self.ctx, GRAPH_NODES, False)
+        lib.ggml_build_forward_expand(self.graph, y)
+        self.plan, self.work = None, None  # the plan, and the work buffer it points into
+
+    def __del__(self):
+        if getattr(self, "ctx", None):
+            self.lib.ggml_free(self.ctx)
 
 
 class GgmlExperts(CPUExperts):
@@ -175,9 +240,10 @@ class GgmlExperts(CPUExperts):
     def __init__(self, *, threads: int | None = None):
         super().__init__(threads=threads)
         self.pool = shared_threadpool(self.threads)
-        self.scratch = np.empty(0, np.uint8)  # a call's context: inputs, intermediates, graph
-        self.work = np.empty(0, np.uint8)  # the graph's work buffer (quantized activations)
-        self.lock = threading.Lock()  # the two buffers serve one call at a time
+        self.arenas: dict[tuple[int, int, int], Arena] = {}  # (A, D, F) -> the kept graphs' activations
+        self.scratch = np.empty(0, np.uint8)  # activations of a larger call's graph, reused
+        self.work = np.empty(0, np.uint8)  # the graphs' work buffer (quantized activations)
+        self.lock = threading.Lock()  # the buffers serve one call at a time
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -191,35 +257,34 @@ class GgmlExperts(CPUExperts):
             return self._compute_locked(state, a)
 
     def _compute_locked(self, state: LayerTensors, a: Assignments) -> torch.Tensor:
-        lib, A, D, F_ = ggml(), len(a.local), state.hidden, state.ff
-        need = SCRATCH_OVERHEAD + 4 * A * (3 * D + 4 * F_ + 64)  # x, ids, gate, up, act, out (f32/i32)
-        if self.scratch.nbytes < need:
-            self.scratch = np.empty(2 * need, np.uint8)
-        ctx = lib.ggml_init(InitParams(self.scratch.nbytes, self.scratch.ctypes.data, False))
-        try:
-            x = lib.ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, 1, A)  # ne (D, 1, A): a row per assignment
-            ids = lib.ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, A)  # ne (1, A): its expert
-            C.memmove(lib.ggml_get_data(x), a.x.data_ptr(), A * D * 4)
-            experts = np.ascontiguousarray(a.experts, dtype=np.int32)
-            C.memmove(lib.ggml_get_data(ids), experts.ctypes.data, A * 4)
-            gate_w, up_w, down_w = state.tensors
-            act = lib.ggml_swiglu_split(
-                ctx, lib.ggml_mul_mat_id(ctx, gate_w, x, ids), lib.ggml_mul_mat_id(ctx, up_w, x, ids)
-            )  # ne (F, 1, A)
-            y = lib.ggml_mul_mat_id(ctx, down_w, act, ids)  # ne (D, 1, A)
-            graph = lib.ggml_new_graph(ctx)
-            lib.ggml_build_forward_expand(graph, y)
-            self._run(graph)
-            out = np.ctypeslib.as_array(C.cast(lib.ggml_get_data(y), C.POINTER(C.c_float)), shape=(A, D))
-            return torch.from_numpy(out.copy())  # (A, D)
-        finally:
-            lib.ggml_free(ctx)
+        graph = self._graph(state, len(a.local))
+        arena = graph.arena
+        arena.x.copy_(a.x)
+        arena.ids[:] = a.experts
+        self._run(graph)
+        return arena.y.clone()  # (A, D): the arena is the next call's
 
-    def _run(self, graph) -> None:
+    def _graph(self, state: LayerTensors, A: int) -> ExpertGraph:
+        """The layer's kept graph for A assignments, or a fresh one over the reused scratch memory."""
+        if A > KEPT_ASSIGNMENTS:
+            arena = Arena(A, state.hidden, state.ff, self.scratch)
+            self.scratch = arena.memory
+            return ExpertGraph(state, arena)
+        graph = state.graphs.get(A)
+        if graph is None:
+            key = (A, state.hidden, state.ff)
+            if key not in self.arenas:
+                self.arenas[key] = Arena(*key)
+            graph = state.graphs[A] = ExpertGraph(state, self.arenas[key])
+        return graph
+
+    def _run(self, graph: ExpertGraph) -> None:
         lib = ggml()
-        plan = lib.ggml_graph_plan(graph, self.threads, self.pool)
-        if self.work.nbytes < plan.work_size:
-            self.work = np.empty(2 * plan.work_size, np.uint8)
-        plan.work_data = self.work.ctypes.data
-        if lib.ggml_graph_compute(graph, C.byref(plan)) != 0:
+        if graph.work is not self.work:  # first run, or the work buffer grew since
+            plan = lib.ggml_graph_plan(graph.graph, self.threads, self.pool)
+            if self.work.nbytes < plan.work_size:
+                self.work = np.empty(2 * plan.work_size, np.uint8)
+            plan.work_data = self.work.ctypes.data
+            graph.plan, graph.work = plan, self.work
+        if lib.ggml_graph_compute(graph.graph, C.byref(graph.plan)) != 0:
             raise RuntimeError("ggml graph compute failed")

@@ -193,6 +193,39 @@ def test_ggml_runs_low_bit_types_on_their_own_blocks(tmp_path, qtypes):
     )
 
 
+def test_combine_adds_as_np_add_at_does():
+    """The weighted sum per token, bit for bit the sums np.add.at made (same additions, same order)."""
+    rng = np.random.default_rng(0)
+    for A, n_tokens in ((6, 1), (12, 2), (40, 7), (1, 3)):
+        y = rng.standard_normal((A, D), dtype=np.float32)
+        w = rng.random(A, dtype=np.float32)
+        tokens = rng.integers(0, n_tokens, A)
+        expected = np.zeros((n_tokens, D), np.float32)
+        np.add.at(expected, tokens, y * w[:, None])
+        assert np.array_equal(cpu_experts.combine(y, w, tokens, n_tokens), expected)
+
+
+def test_ggml_kept_graphs_equal_graphs_built_per_call(monkeypatch, tmp_path):
+    """Decode-sized calls reuse a graph per (layer, assignment count) over activations shared by the
+    layers; they give what a graph built for the call gives, across layers and counts in any order."""
+    pytest.importorskip("llama_cpp")
+    from dsrun.offload import backend_ggml
+
+    f = write_expert_gguf(tmp_path / "two.gguf", (Q.Q4_K, Q.Q4_K, Q.Q8_0), layers=(0, 1))
+    order = [(0, 1), (1, 1), (0, 2), (1, 1), (0, 1), (1, 2)]  # (layer, tokens) of each call
+    steps = [(layer, routed_step(seed=seed, tokens=tokens)) for seed, (layer, tokens) in enumerate(order)]
+    results = []
+    for kept in (backend_ggml.KEPT_ASSIGNMENTS, 0):
+        monkeypatch.setattr(backend_ggml, "KEPT_ASSIGNMENTS", kept)
+        backend = make_backend("ggml")
+        for layer in (0, 1):
+            backend.load_layer(layer, *layer_tensors(f, layer))
+        results.append([backend.forward(layer, *step) for layer, step in steps])
+        assert bool(backend.layers[0].graphs) == bool(kept)  # graphs kept by assignment count, or none
+    for with_kept, fresh in zip(*results):
+        assert torch.equal(with_kept, fresh)
+
+
 def test_no_active_assignment_gives_zeros(layer_file):
     ref = DequantExperts()
     ref.load_layer(0, *layer_tensors(layer_file))
