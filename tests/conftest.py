@@ -46,3 +46,21 @@ def engine(default_gguf):
     eng = dsrun.load(default_gguf, ctx=1024)
     yield eng
     eng.close()
+
+
+@pytest.fixture(scope="session")
+def q8_moe(tmp_path_factory):
+    """A tiny deepseek2 with Q8_0 weights and skewed, local routing: quantized expert slots' tests."""
+    from dsrun.synth import synthesize
+
+    return synthesize(
+        tmp_path_factory.mktemp("q8") / "ds2-q8.gguf",
+        "deepseek2",
+        weight_type="Q8_0",
+        n_layer=3,
+        n_expert=16,
+        n_expert_used=4,
+        skew=1.2,
+        locality=0.8,
+        seed=5,
+    )

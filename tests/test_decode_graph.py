@@ -20,23 +20,6 @@ FAKE_GPU = {"device_map": {"cuda:0": "cpu"}, "background": False, "quantized_slo
 PROMPT = [1, 504, 3575, 282, 4649, 314, 9789, 30, 378, 3575, 282, 6474]
 
 
-@pytest.fixture(scope="module")
-def q8_moe(tmp_path_factory):
-    from dsrun.synth import synthesize
-
-    return synthesize(
-        tmp_path_factory.mktemp("graph") / "ds2-q8.gguf",
-        "deepseek2",
-        weight_type="Q8_0",
-        n_layer=3,
-        n_expert=16,
-        n_expert_used=4,
-        skew=1.2,
-        locality=0.8,
-        seed=5,
-    )
-
-
 def greedy(prefill, step, cache, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
     """The prompt through `prefill` (a plain forward), then n greedy steps through `step`: tokens and
     their steps' logits (n, V)."""

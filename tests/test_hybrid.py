@@ -155,22 +155,10 @@ def test_a_recorded_profile_puts_its_hottest_experts_on_the_gpu(moe_gguf, prompt
     assert min(on_gpu) >= max(elsewhere)  # the GPU started with the profile's hottest experts
 
 
-def test_quantized_slots_keep_the_files_bytes_and_the_answer(tmp_path):
+def test_quantized_slots_keep_the_files_bytes_and_the_answer(q8_moe):
     """Slots that keep Q8_0 experts as the file's bytes (what a GPU holds, 3.8x smaller than F32) give the
     all-CPU answer; on the CPU stand-in their kernels are the torch fallback of gpu_quant."""
-    from dsrun.synth import synthesize
-
-    path = synthesize(
-        tmp_path / "q8.gguf",
-        "deepseek2",
-        weight_type="Q8_0",
-        n_layer=3,
-        n_expert=16,
-        n_expert_used=4,
-        skew=1.2,
-        locality=0.8,
-        seed=5,
-    )
+    path = q8_moe
     tokens = list(range(300, 340))
     reference, _ = logits_with(path, tokens, gpus=[])
     options = FAKE_GPU | {"background": False, "quantized_slots": True}
