@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
 
 # subcommand -> (module that implements it with add_arguments(parser) and run(args), help line)
@@ -127,5 +128,14 @@ def print_json(obj) -> None:
     print(json.dumps(obj, ensure_ascii=False))
 
 
+def entry() -> None:
+    """The `dsrun` command: main's exit code, even where a Ctrl+C lands once main is done. Python puts
+    SIGINT's default action back while it tears down (an engine's memory can take a while), so a late
+    Ctrl+C would kill a finished job instead of letting it end with its code."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

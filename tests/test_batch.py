@@ -153,3 +153,21 @@ def test_plan_skips_what_is_done_and_flags_bad_lines():
     assert parse_line(
         1, json.dumps({"custom_id": "x", "method": "GET", "url": "/v1/completions"}), set()
     ).code == ("invalid_method")
+
+
+def test_a_ctrl_c_while_the_command_shuts_down_keeps_its_exit_code():
+    """The interrupt-and-rerun test's race, made certain: SIGINT arrives while the interpreter tears down
+    module globals (an engine's, say), after Python has put back SIGINT's default action; the command
+    still ends with main's code instead of killed by the signal."""
+    script = (
+        "import os, signal, time, dsrun.cli as cli\n"
+        "class Late:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(0.2)\n"
+        "late = Late()\n"
+        "cli.main = lambda argv=None: 0\n"
+        "cli.entry()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
