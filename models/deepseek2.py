@@ -26,6 +26,7 @@ from .base import (
     LanguageModel,
     PreNormBlock,
     apply_rope,
+    attend_one_row,
     causal_mask,
     load_linear,
     load_weight,
@@ -150,6 +151,8 @@ def attend_latent(
     # one new row sees the whole cache: no mask (building one cost more than the attention at decode);
     # but a start on the device is a recorded step over a fixed-length cache, not written past it
     whole = n == 1 and not torch.is_tensor(start)
+    if whole and q.device.type == "cpu":
+        return attend_one_row(q, kv[:, None], kv[:, None, :n_latent], scale)  # one group: MQA
     mask = None if whole else causal_mask(start, n, kv.shape[0], q.device).repeat_interleave(H, dim=0)
     out = F.scaled_dot_product_attention(
         q.reshape(1, n * H, width), kv[None], kv[None, :, :n_latent], attn_mask=mask, scale=scale
