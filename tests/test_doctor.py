@@ -168,3 +168,20 @@ def test_bench_reports_the_cpu_experts_read_rate():
     assert "cpu_expert_read_gb_s" not in summarize(worker, 10, 8)
     rates = summarize(worker | {"cpu_expert_bytes": 20e9}, 10, 8)
     assert rates["cpu_expert_read_gb_s"] == 5.0 and rates["decode_tok_s"] == 2.0
+
+
+def test_bench_reads_the_model_file_once_where_it_fits(tmp_path, monkeypatch):
+    """Both sides of `dsrun bench` start from a warm page cache, unless the file would crowd out RAM."""
+    import psutil
+
+    from dsrun.bench import warm_page_cache
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"x" * (40 << 20))
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    assert warm_page_cache(path) and opened.count(path) == 1
+    small = psutil.virtual_memory()._replace(available=50 << 20)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: small)
+    assert not warm_page_cache(path) and opened.count(path) == 1
