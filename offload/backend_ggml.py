@@ -85,7 +85,6 @@ SIGNATURES = {  # name -> (library, result, argument types)
     "ggml_new_graph_custom": ("base", _POINTER, [_POINTER, C.c_size_t, C.c_bool]),
     "ggml_graph_overhead_custom": ("base", C.c_size_t, [C.c_size_t, C.c_bool]),
     "ggml_tensor_overhead": ("base", C.c_size_t, []),
-    "ggml_nbytes": ("base", C.c_size_t, [_POINTER]),
     "ggml_build_forward_expand": ("base", None, [_POINTER, _POINTER]),
     "ggml_backend_tensor_alloc": ("base", C.c_int, [_POINTER, _POINTER, _POINTER]),
     "ggml_backend_buffer_free": ("base", None, [_POINTER]),

@@ -177,7 +177,7 @@ class Offload:
                 out = self._run_streamed(slots, home, x, ids, weights, work[1])
             else:  # launched before the CPU part so the device computes while the CPU does
                 device_out = slots.run(layer, x, ids, weights, on_device) if on_device.any() else None
-        self._count(layer, ids, resident, on_device, streamed)
+        self.count(layer, ids, resident, on_device, streamed)
         if not streamed:
             # summed where the layer runs: no copy back of the GPU part
             out = self.run_cold(layer, x_cpu, ids, w, cold, work).to(x.device, non_blocking=True)
@@ -230,7 +230,7 @@ class Offload:
         self.cost.observe_stream(cold_bytes, time.perf_counter() - t0)
         return out
 
-    def _count(
+    def count(
         self, layer: int, expert_ids: torch.Tensor, resident: np.ndarray, on_device, streamed: bool = False
     ) -> None:
         """Counts of where this layer's assignments ran; cold ones of a streamed batch ran on the GPU."""

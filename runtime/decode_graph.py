@@ -72,7 +72,7 @@ class FixedKV:
                 for bufs in cache.layers
             ]
         old = self.bound
-        if old is not None and old.layers and old.layers[0][0] is self.buffers[0][0]:
+        if old is not None and self.holds(old):
             old.layers = [[b[: old.n].clone() for b in bufs] for bufs in old.layers]
         for mine, theirs in zip(self.buffers, cache.layers):
             for m, t in zip(mine, theirs):
@@ -129,10 +129,14 @@ class StepTimes:
     launch: float = 0.0  # handing graphs to the GPU
     wait: float = 0.0  # blocked on the GPU: its work not hidden behind the host's
     cpu_experts: float = 0.0  # the cold experts, on the CPU backend
-    host: float = 0.0  # the rest: counting, the cache policy, Python
     gpu_dense: float = 0.0  # GPU time of the A graphs (attention, dense layers, router, shared experts)
     gpu_experts: float = 0.0  # GPU time of the B graphs (the resident routed experts)
     total: float = 0.0
+
+    @property
+    def host(self) -> float:
+        """The rest of the host's time: counting, the cache policy, Python."""
+        return self.total - self.launch - self.wait - self.cpu_experts
 
     def per_token_ms(self) -> dict[str, float]:
         n = max(1, self.steps)
@@ -230,7 +234,7 @@ class DecodeGraph:
         t1 = time.perf_counter()
         on_device = torch.from_numpy(resident)[c.ids]  # (T, K)
         cold = ~on_device
-        off._count(layer, c.ids, resident, on_device)
+        off.count(layer, c.ids, resident, on_device)
         if cold.any():
             c.cpu_out.copy_(off.run_cold(layer, c.x, c.ids, c.weights, cold))
         else:
@@ -329,7 +333,6 @@ class DecodeGraph:
             setattr(t, kind, getattr(t, kind) + start.elapsed_time(end) / 1e3)
         t.steps += 1
         t.total += total
-        t.host = t.total - t.launch - t.wait - t.cpu_experts
 
     def report(self) -> dict:
         """What `Engine.stats()` shows of the recorded decode."""
