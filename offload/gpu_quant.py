@@ -24,6 +24,7 @@ sub-block, P split-K parts, M outputs of one part (T * N or A * N).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -39,10 +40,8 @@ from dsrun.errors import ModelFormatError, UnsupportedModelError
 try:
     import triton
     import triton.language as tl
-    from triton.runtime.jit import JITFunction
 except ImportError:  # not a dsrun dependency: CUDA installs bring it with torch
     triton = tl = None
-    _INTERPRETED = False
 
 Q = GGMLQuantizationType
 
@@ -60,15 +59,46 @@ STEP = 256  # weights per kernel step: one K-quant super-block, eight 32-weight 
 FUSED_MAX_T = 16  # up to this many tokens the fused kernel; more: dequantize + cuBLAS
 DOT_FROM_T = 4  # from this many tokens the fused kernel uses tl.dot (tokens padded to 16); tune on H100
 POOL_ALIGN = 256  # slot rows start 256-byte aligned, so every slot's loads vectorize alike
+INT8_X_TYPES = frozenset({Q.Q4_K})  # kernels that can take x as int8 words (_q4k_words)
 _DEQUANT_BN = 16  # rows per program of the dequantize kernel
 _GEMV_BN = 32  # rows per program of the fused kernel when not autotuned
 
+
+def _interpreting() -> bool:
+    """Whether Triton builds kernels for its interpreter (TRITON_INTERPRET=1 at import: the CPU tests)."""
+    if triton is None:
+        return False
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4
+    return bool(knobs.runtime.interpret) if knobs else os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_INTERPRETED = _interpreting()
 _jit = triton.jit if triton else (lambda fn: fn)
 _C = tl.constexpr if tl else int  # kernels may read module globals only as constexprs
 _Q4_0, _Q8_0, _Q4_K, _Q5_K, _Q6_K = (_C(int(t)) for t in (Q.Q4_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K))
+_INTERP = _C(_INTERPRETED)  # the interpreter runs no inline PTX
 
 
 # --- kernels --------------------------------------------------------------------------------------------
+
+
+@_jit
+def _as_f32(q):
+    """Ints |q| < 2^22 as float32, exactly: added into the mantissa of 1.5 * 2^23, which is then taken off.
+    Two full-rate ops instead of a conversion, which runs at an eighth of the FMA rate on sm_80/sm_90."""
+    return (q + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@_jit
+def _dp4a(a, b, c):
+    """c + the dot of a's four unsigned bytes with b's four signed bytes, all int32 (one PTX dp4a)."""
+    if _INTERP:
+        for k in tl.static_range(4):
+            c += ((a >> (8 * k)) & 255) * ((b << (24 - 8 * k)) >> 24)  # the shifts sign-extend b's byte
+        return c
+    return tl.inline_asm_elementwise(
+        "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1
+    )
 
 
 @_jit
@@ -113,7 +143,7 @@ def _tile(
     s2 = s[None, :]  # (1, S)
     s3 = s[None, :, None]  # (1, S, 1)
     if QTYPE == _Q8_0:  # 34-byte blocks: fp16 d, 32 int8
-        q = tl.load(w + b3 + 34 * s3 + 2 + i, mask=m3, other=0).to(tl.int8, bitcast=True)
+        q = tl.load(w + b3 + 34 * s3 + 2 + i, mask=m3, other=0).to(tl.int8, bitcast=True).to(tl.int32)
         scale = _f16(w, b2 + 34 * s2, m2)
         mn = scale
     elif QTYPE == _Q4_0:  # 18-byte blocks: fp16 d, 16 bytes: low nibbles weights 0..15, high 16..31
@@ -140,7 +170,7 @@ def _tile(
         sc = tl.load(w + b2 + 192 + s2, mask=m2, other=0).to(tl.int8, bitcast=True)
         scale = _f16(w, b2 + 208, m2) * sc.to(tl.float32)
         mn = scale
-    return q.to(tl.float32), scale, mn
+    return _as_f32(q), scale, mn
 
 
 @_jit
@@ -175,6 +205,9 @@ def _gemv_kernel(
     x,
     w,
     out,
+    xq,
+    xd,
+    xs,
     T,
     n_out,
     n_in,
@@ -190,9 +223,11 @@ def _gemv_kernel(
     BT: tl.constexpr,
     DOT: tl.constexpr,
     DOT_F32: tl.constexpr,
+    INT8_X: tl.constexpr,
     BN: tl.constexpr,
 ):
-    """out[part] (T, N) = x (T, K) @ W.T over this part's steps: one program per BN rows and part."""
+    """out[part] (T, N) = x (T, K) @ W.T over this part's steps: one program per BN rows and part. With
+    INT8_X (Q4_K, a few tokens) x is read as _quantize_x_kernel wrote it to xq, xd, xs."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)  # (BN,)
     part = tl.program_id(1)
     rmask = rows < n_out
@@ -202,28 +237,46 @@ def _gemv_kernel(
     acc = tl.zeros((BT, BN), dtype=tl.float32)
     first = part * steps_per_part
     for step in range(first, tl.minimum(first + steps_per_part, n_steps)):
-        q, scale, mn = _tile(w, row_off, rmask, step, n_in, QTYPE, S, W, SB)
-        k = step * 256 + kk  # (S, W)
-        if DOT:  # enough tokens for tensor cores: dequantize the tile, one (BT, 256) x (256, BN) dot
-            xk = step * 256 + tl.arange(0, S * W)  # (S * W,)
-            xmask = (t[:, None] < T) & (xk < n_in)[None, :]
-            xt = tl.load(x + t[:, None] * n_in + xk[None, :], mask=xmask, other=0.0)  # (BT, S * W)
-            v = q * scale[:, :, None]
-            if HAS_MIN:
-                v = v - mn[:, :, None]
-            v = tl.reshape(v.to(xt.dtype), (BN, S * W))  # (BN, S * W)
-            if DOT_F32:  # f32 inputs, or the interpreter (whose bf16 dot is wrong): exact f32 products
-                acc += tl.dot(xt.to(tl.float32), tl.trans(v.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(xt, tl.trans(v))
-        else:  # a few tokens: sum q * x per sub-block, then scale once per sub-block (as llama.cpp)
+        if INT8_X:  # quants stay ints: four products a dp4a, a float multiply per sub-block
+            lo, hi, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_words(w, row_off, rmask, step)
             for ti in tl.static_range(BT):
-                x_row = x + tl.minimum(ti, T - 1) * n_in  # padded tokens repeat the last; not stored
-                xt = tl.load(x_row + k, mask=k < n_in, other=0).to(tl.float32)  # (S, W)
-                r = tl.sum(tl.sum(q * xt[None, :, :], axis=2) * scale, axis=1)  # (BN,)
-                if HAS_MIN:
-                    r -= tl.sum(mn * tl.sum(xt, axis=1)[None, :], axis=1)
+                tx = tl.minimum(ti, T - 1)  # padded tokens repeat the last; not stored
+                r = _q4k_int8_dot(
+                    lo,
+                    hi,
+                    sc_lo,
+                    mn_lo,
+                    sc_hi,
+                    mn_hi,
+                    xq + tx * (n_in // 4),
+                    xd + tx * (n_in // 32),
+                    xs + tx * (n_in // 32),
+                    step,
+                )
                 acc += tl.where(t[:, None] == ti, r[None, :], 0.0)
+        else:
+            q, scale, mn = _tile(w, row_off, rmask, step, n_in, QTYPE, S, W, SB)
+            k = step * 256 + kk  # (S, W)
+            if DOT:  # enough tokens for tensor cores: dequantize the tile, one (BT, 256) x (256, BN) dot
+                xk = step * 256 + tl.arange(0, S * W)  # (S * W,)
+                xmask = (t[:, None] < T) & (xk < n_in)[None, :]
+                xt = tl.load(x + t[:, None] * n_in + xk[None, :], mask=xmask, other=0.0)  # (BT, S * W)
+                v = q * scale[:, :, None]
+                if HAS_MIN:
+                    v = v - mn[:, :, None]
+                v = tl.reshape(v.to(xt.dtype), (BN, S * W))  # (BN, S * W)
+                if DOT_F32:  # f32 inputs, or the interpreter (whose bf16 dot is wrong): exact f32 products
+                    acc += tl.dot(xt.to(tl.float32), tl.trans(v.to(tl.float32)), input_precision="ieee")
+                else:
+                    acc += tl.dot(xt, tl.trans(v))
+            else:  # a few tokens: sum q * x per sub-block, then scale once per sub-block (as llama.cpp)
+                for ti in tl.static_range(BT):
+                    x_row = x + tl.minimum(ti, T - 1) * n_in  # padded tokens repeat the last; not stored
+                    xt = tl.load(x_row + k, mask=k < n_in, other=0).to(tl.float32)  # (S, W)
+                    r = tl.sum(tl.sum(q * xt[None, :, :], axis=2) * scale, axis=1)  # (BN,)
+                    if HAS_MIN:
+                        r -= tl.sum(mn * tl.sum(xt, axis=1)[None, :], axis=1)
+                    acc += tl.where(t[:, None] == ti, r[None, :], 0.0)
     dst = out + part * part_stride + t[:, None] * n_out + rows[None, :]
     tl.store(dst, acc.to(out.dtype.element_ty), mask=(t[:, None] < T) & rmask[None, :])
 
@@ -253,12 +306,73 @@ def _row_dot(
 
 
 @_jit
+def _quantize_x_kernel(x, xq, xd, xs, n_in, BN: tl.constexpr):
+    """Row t of x (R, K) rounded to int8 per 32 with scale amax / 127 (llama.cpp's q8_1): words of four
+    into xq (R, K / 4) int32, the scales into xd and the blocks' float sums into xs (R, K / 32). One
+    program per row and BN blocks of 32."""
+    t = tl.program_id(0)
+    b = tl.program_id(1) * BN + tl.arange(0, BN)  # (BN,): blocks of 32
+    v = tl.load(x + t * n_in + 32 * b[:, None] + tl.arange(0, 32)[None, :]).to(tl.float32)  # (BN, 32)
+    amax = tl.max(tl.abs(v), axis=1)  # (BN,)
+    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+    q = tl.floor(v * inv[:, None] + 0.5).to(tl.int32) & 255  # (BN, 32): bytes of int8 in [-127, 127]
+    q = tl.reshape(q, (BN, 8, 4))  # (BN, 8, 4): four bytes of each word
+    words = tl.sum(q << (8 * tl.arange(0, 4))[None, None, :], axis=2)  # (BN, 8): no bits overlap
+    tl.store(xq + t * (n_in // 4) + 8 * b[:, None] + tl.arange(0, 8)[None, :], words)
+    tl.store(xd + t * (n_in // 32) + b, amax / 127.0)
+    tl.store(xs + t * (n_in // 32) + b, tl.sum(v, axis=1))
+
+
+@_jit
+def _q4k_words(w, row_off, rmask, step):
+    """One Q4_K step of BN rows as int8-dot operands. Pair g's 32 quant bytes hold sub-block 2g in their
+    low nibbles and 2g + 1 in their high ones: as words of four, lo and hi (BN, 4, 8), word j holding
+    weights 4j..4j + 3 of its sub-block; and the scales and mins (BN, 4) of the even and odd sub-blocks."""
+    g = tl.arange(0, 4)
+    j = tl.arange(0, 8)
+    words_at = (
+        (row_off // 4 + step * 36 + 4)[:, None, None] + 8 * g[None, :, None] + j[None, None, :]
+    )  # (BN, 4, 8)
+    words = tl.load(w.to(tl.pointer_type(tl.int32)) + words_at, mask=rmask[:, None, None], other=0)
+    b2 = row_off[:, None] + step * 144  # (BN, 1): byte offset of the step
+    m2 = rmask[:, None]
+    sc_lo, mn_lo = _k_scales(w, b2, 2 * g[None, :], m2)
+    sc_hi, mn_hi = _k_scales(w, b2, 2 * g[None, :] + 1, m2)
+    return words & 0x0F0F0F0F, (words >> 4) & 0x0F0F0F0F, sc_lo, mn_lo, sc_hi, mn_hi
+
+
+@_jit
+def _q4k_int8_dot(lo, hi, sc_lo, mn_lo, sc_hi, mn_hi, xq, xd, xs, step):
+    """(BN,) float32: _q4k_words' step times one token as _quantize_x_kernel wrote it (its rows at xq,
+    xd, xs). Per sub-block: scale * x scale * (int dot of quants) - min * (sum of x)."""
+    g = tl.arange(0, 4)
+    at = step * 64 + 16 * g[:, None] + tl.arange(0, 8)[None, :]  # (4, 8): x words of the even sub-blocks
+    zero = tl.zeros(lo.shape, dtype=tl.int32)
+    dot_lo = tl.sum(_dp4a(lo, tl.load(xq + at)[None, :, :], zero), axis=2)  # (BN, 4)
+    dot_hi = tl.sum(_dp4a(hi, tl.load(xq + at + 8)[None, :, :], zero), axis=2)  # odd: 8 words on
+    b = step * 8 + 2 * g  # (4,): the even sub-blocks' x scales and sums
+    r = sc_lo * tl.load(xd + b)[None, :] * _as_f32(dot_lo) - mn_lo * tl.load(xs + b)[None, :]
+    r += sc_hi * tl.load(xd + b + 1)[None, :] * _as_f32(dot_hi) - mn_hi * tl.load(xs + b + 1)[None, :]
+    return tl.sum(r, axis=1)
+
+
+@_jit
+def _q4k_int8_row(w, row_off, rmask, step, xq, xd, xs):
+    """(BN,) float32: one Q4_K step of BN rows times one int8 token (_q4k_words, then _q4k_int8_dot)."""
+    lo, hi, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_words(w, row_off, rmask, step)
+    return _q4k_int8_dot(lo, hi, sc_lo, mn_lo, sc_hi, mn_hi, xq, xd, xs, step)
+
+
+@_jit
 def _grouped_kernel(
     x,
     wa,
     wb,
     slots,
     out,
+    xq,
+    xd,
+    xs,
     n_out,
     n_in,
     slot_bytes_a,
@@ -281,11 +395,13 @@ def _grouped_kernel(
     MIN_B: tl.constexpr,
     GLU: tl.constexpr,
     FINAL: tl.constexpr,
+    INT8_X: tl.constexpr,
     BN: tl.constexpr,
 ):
     """out[a] (N,) = x[a] @ A_s.T for s = slots[a], A_s that slot of pool wa; with GLU silu(x[a] @ A_s.T) *
     (x[a] @ B_s.T), B_s from pool wb. One program per row a, BN output rows and split-K part. Unless FINAL,
-    float32 partial sums go to out[part] (P, A, N), and with GLU B's to out + b_offset."""
+    float32 partial sums go to out[part] (P, A, N), and with GLU B's to out + b_offset. With INT8_X x is
+    read as _quantize_x_kernel wrote it to xq, xd, xs."""
     a = tl.program_id(0)  # rows vary fastest: rows that share a slot read its blocks at about the same time
     rows = tl.program_id(1) * BN + tl.arange(0, BN)  # (BN,)
     part = tl.program_id(2)
@@ -298,12 +414,20 @@ def _grouped_kernel(
     acc_a = tl.zeros((BN,), dtype=tl.float32)
     acc_b = tl.zeros((BN,), dtype=tl.float32)
     first = part * steps_per_part
+    xq_row, xd_row, xs_row = xq + a * (n_in // 4), xd + a * (n_in // 32), xs + a * (n_in // 32)
     for step in range(first, tl.minimum(first + steps_per_part, n_steps)):
-        acc_a += _row_dot(w_a, rows * row_bytes_a, rmask, step, x_row, n_in, QTYPE_A, S_A, W_A, SB_A, MIN_A)
-        if GLU:
-            acc_b += _row_dot(
-                w_b, rows * row_bytes_b, rmask, step, x_row, n_in, QTYPE_B, S_B, W_B, SB_B, MIN_B
+        if INT8_X:  # Q4_K both: as _gemv_kernel
+            acc_a += _q4k_int8_row(w_a, rows * row_bytes_a, rmask, step, xq_row, xd_row, xs_row)
+            if GLU:
+                acc_b += _q4k_int8_row(w_b, rows * row_bytes_b, rmask, step, xq_row, xd_row, xs_row)
+        else:
+            acc_a += _row_dot(
+                w_a, rows * row_bytes_a, rmask, step, x_row, n_in, QTYPE_A, S_A, W_A, SB_A, MIN_A
             )
+            if GLU:
+                acc_b += _row_dot(
+                    w_b, rows * row_bytes_b, rmask, step, x_row, n_in, QTYPE_B, S_B, W_B, SB_B, MIN_B
+                )
     dst = out + part * part_stride + a * n_out + rows
     smask = rows < n_out
     if GLU and FINAL:
@@ -329,10 +453,6 @@ def _reduce_kernel(src, out, M, n_parts, b_offset, GLU: tl.constexpr, BN: tl.con
     if GLU:
         acc = acc * tl.sigmoid(acc) * acc_b
     tl.store(out + i, acc.to(out.dtype.element_ty), mask=m)
-
-
-if triton:
-    _INTERPRETED = not isinstance(_dequant_kernel, JITFunction)  # TRITON_INTERPRET=1 at import
 
 
 # --- host side ------------------------------------------------------------------------------------------
@@ -427,12 +547,46 @@ def _split_k(n_programs: int, n_steps: int, device: torch.device) -> int:
     return max(1, min(parts, n_steps // 4))  # each part at least 4 steps
 
 
+def takes_int8_x(qtypes: tuple[GGMLQuantizationType, ...], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the few-token kernels round x to int8 per 32 (as llama.cpp's CUDA decode does) and multiply
+    the quants as ints, four at a time: for Q4_K matrices and 16-bit x on a Triton device, unless
+    DSRUN_GPU_INT8_X=0. An input's rounding error is at most its block's amax / 254; float32 x stays
+    exact."""
+    return (
+        all(q in INT8_X_TYPES for q in qtypes)
+        and dtype in (torch.bfloat16, torch.float16)
+        and triton_available(device)
+        and os.environ.get("DSRUN_GPU_INT8_X", "1") != "0"
+    )
+
+
+class _Int8X:
+    """x (R, K) rounded to int8 per 32 by _quantize_x_kernel into buffers of its own: one call shape's."""
+
+    def __init__(self, rows: int, n_in: int, device: torch.device):
+        self.xq = torch.empty(rows, n_in // 4, dtype=torch.int32, device=device)  # (R, K / 4): words of 4
+        self.xd = torch.empty(rows, n_in // 32, dtype=torch.float32, device=device)  # (R, K / 32): scales
+        self.xs = torch.empty(rows, n_in // 32, dtype=torch.float32, device=device)  # (R, K / 32): sums
+        grid = lambda bn: (rows, n_in // (32 * bn))  # noqa: E731
+        self.launch = _Launch(_quantize_x_kernel, dict(n_in=n_in), grid, fp_fusion=True, config=(8, 4, 1))
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.launch(x, self.xq, self.xd, self.xs, aligned=not x.data_ptr() & 15)
+        return self.xq, self.xd, self.xs
+
+
+def _word_aligned(*tensors: torch.Tensor) -> bool:
+    """Whether int32 loads may read these uint8 tensors (the int8-x kernels read Q4_K quants as words)."""
+    return not any(t.data_ptr() & 3 for t in tensors)
+
+
 # --- launches -------------------------------------------------------------------------------------------
 
 _Config = tuple[int, int, int]  # (BN, num_warps, num_stages)
-# As Triton 3.9 builds them for sm_90, none spills in the GEMV; BN 64 does in the grouped kernel with a
-# Q6_K gate and up, where timing should pass it over.
-_CONFIGS: tuple[_Config, ...] = ((16, 4, 3), (16, 8, 3), (32, 8, 3), (64, 8, 3))
+# As Triton 3.9 builds them for sm_90, BN up to 64 does not spill in the float GEMV; BN 64 does in the
+# grouped kernel with a Q6_K gate and up. BN 128 is for the int8-x kernels' smaller tiles. Timing passes
+# over configs that spill.
+_CONFIGS: tuple[_Config, ...] = ((16, 4, 3), (16, 8, 3), (32, 8, 3), (64, 8, 3), (128, 8, 3))
 _DEFAULT_CONFIG: _Config = (_GEMV_BN, 8, 3)  # untuned: the interpreter, DSRUN_GPU_QUANT_AUTOTUNE=0
 _TUNED: dict[tuple, _Config] = {}  # tune key -> the fastest of _CONFIGS there
 
@@ -540,7 +694,7 @@ class _MatmulPlan:
             raise ValueError(f"x must be float (..., {n_in}); got {dtype} {tuple(shape)}")
         self.out_shape = (*shape[:-1], n_out)
         T = shape.numel() // n_in
-        self.partials = self.reduce = None
+        self.partials = self.reduce = self.int8_x = None
         if T == 0:
             self.path = "empty"
         elif not triton_available(device):
@@ -568,13 +722,19 @@ class _MatmulPlan:
                 DOT=dot,
                 DOT_F32=dtype == torch.float32 or _INTERPRETED,
             )
-            self.gemv = _Launch(
-                _gemv_kernel,
-                consts,
-                lambda bn: (triton.cdiv(n_out, bn), parts),
-                fp_fusion=True,  # said outright: Triton 3.9 warns that its default will change
-                tune_key=("gemv", qtype, n_out, n_in, bt, dtype, device),
-            )
+
+            def gemv(int8: bool) -> _Launch:
+                return _Launch(
+                    _gemv_kernel,
+                    dict(consts, INT8_X=int8),
+                    lambda bn: (triton.cdiv(n_out, bn), parts),
+                    fp_fusion=True,  # said outright: Triton 3.9 warns that its default will change
+                    tune_key=("gemv", qtype, n_out, n_in, bt, dtype, device, int8),
+                )
+
+            self.gemv = gemv(False)
+            if not dot and takes_int8_x((qtype,), dtype, device):  # word-aligned weights take it
+                self.gemv_int8, self.int8_x = gemv(True), _Int8X(T, n_in, device)
             if parts > 1:  # float32 partial sums, added up by a second kernel: deterministic, unlike atomics
                 self.partials = torch.empty(parts, T, n_out, dtype=torch.float32, device=device)  # (P, T, N)
                 self.reduce = _reduce_launch(T * n_out, parts, glu=False)
@@ -592,10 +752,12 @@ class _MatmulPlan:
         if self.path == "fused":
             out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)  # (..., N)
             aligned = not (x.data_ptr() | w.data_ptr()) & 15
-            if self.reduce is None:
-                self.gemv(x, w, out, aligned=aligned)
+            dst = out if self.reduce is None else self.partials
+            if self.int8_x is not None and _word_aligned(w):
+                self.gemv_int8(x, w, dst, *self.int8_x(x), aligned=aligned)
             else:
-                self.gemv(x, w, self.partials, aligned=aligned)
+                self.gemv(x, w, dst, x, x, x, aligned=aligned)  # x stands for the unused int8 buffers
+            if self.reduce is not None:
                 self.reduce(self.partials, out)
             return out
         x2 = x.view(-1, self.n_in)  # (T, K)
@@ -643,7 +805,7 @@ class _GroupedPlan:
                 )
         A = self.A = shape[0]
         glu = len(qtypes) == 2
-        self.partials = self.reduce = None
+        self.partials = self.reduce = self.int8_x = None
         if A == 0:
             self.path = "empty"
             return
@@ -675,13 +837,19 @@ class _GroupedPlan:
             FINAL=parts == 1,
         )
         bucket = min(triton.next_power_of_2(A), 64)  # the best BN depends on how many programs there are
-        self.kernel = _Launch(
-            _grouped_kernel,
-            consts,
-            lambda bn: (A, triton.cdiv(n_out, bn), parts),
-            fp_fusion=True,
-            tune_key=("grouped", qtypes, n_out, n_in, bucket, parts, dtype, device),
-        )
+
+        def kernel(int8: bool) -> _Launch:
+            return _Launch(
+                _grouped_kernel,
+                dict(consts, INT8_X=int8),
+                lambda bn: (A, triton.cdiv(n_out, bn), parts),
+                fp_fusion=True,
+                tune_key=("grouped", qtypes, n_out, n_in, bucket, parts, dtype, device, int8),
+            )
+
+        self.kernel = kernel(False)
+        if takes_int8_x(qtypes, dtype, device):  # word-aligned pools take it
+            self.kernel_int8, self.int8_x = kernel(True), _Int8X(A, n_in, device)
         if parts > 1:
             n = (1 + glu) * parts * m  # (P, A, N), and B's after them with glu
             self.partials = torch.empty(n, dtype=torch.float32, device=device)
@@ -720,10 +888,12 @@ class _GroupedPlan:
             out = torch.empty(self.A, self.n_out, dtype=self.dtype, device=self.device)  # (A, N)
             pa, pb = pools[0], pools[-1]
             aligned = not (x.data_ptr() | pa.data_ptr() | pb.data_ptr() | slots.data_ptr()) & 15
-            if self.reduce is None:
-                self.kernel(x, pa, pb, slots, out, aligned=aligned)
+            dst = out if self.reduce is None else self.partials
+            if self.int8_x is not None and _word_aligned(pa, pb):
+                self.kernel_int8(x, pa, pb, slots, dst, *self.int8_x(x), aligned=aligned)
             else:
-                self.kernel(x, pa, pb, slots, self.partials, aligned=aligned)
+                self.kernel(x, pa, pb, slots, dst, x, x, x, aligned=aligned)  # x: no int8 buffers
+            if self.reduce is not None:
                 self.reduce(self.partials, out)
             return out
         if self.path == "empty":
@@ -1010,28 +1180,71 @@ def benchmark_experts(
     return r
 
 
+@contextlib.contextmanager
+def _int8_x_setting(on: bool):
+    """Plans made inside take (or not) int8 x, as DSRUN_GPU_INT8_X says (for comparing both in one run)."""
+    before = os.environ.get("DSRUN_GPU_INT8_X")
+    os.environ["DSRUN_GPU_INT8_X"] = "1" if on else "0"
+    _PLANS.clear()
+    try:
+        yield
+    finally:
+        _PLANS.clear()
+        if before is None:
+            del os.environ["DSRUN_GPU_INT8_X"]
+        else:
+            os.environ["DSRUN_GPU_INT8_X"] = before
+
+
+# DeepSeek-V3's matrices a decode token reads: q_a, q_b, kv_a, attn_output, shared or routed expert gate
+# (up) and down, the dense layers' FFN, the output head.
+V3_SHAPES = (
+    (1536, 7168),
+    (24576, 1536),
+    (576, 7168),
+    (7168, 16384),
+    (2048, 7168),
+    (7168, 2048),
+    (18432, 7168),
+    (7168, 18432),
+    (129280, 7168),
+)
+
+
 def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = "triton" if triton_available(device) else "torch fallback"
-    print(f"quantized_matmul against bf16 torch.matmul on {device} ({path}), DeepSeek-V3 expert shapes")
-    cols = ("quant_GBps", "bf16_GBps", "quant_us", "bf16_us", "quant_eager_us", "bf16_eager_us")
-    print(f"{'type':6} {'N x K':>10} {'T':>4} " + " ".join(f"{c:>14}" for c in cols) + f" {'speedup':>8}")
+    print(f"quantized_matmul against bf16 torch.matmul on {device} ({path}), DeepSeek-V3 shapes")
+    print("int8: x rounded to int8 (dp4a), float: the float kernel (DSRUN_GPU_INT8_X=0); weight GB/s")
+    cols = ("int8_GBps", "float_GBps", "bf16_GBps", "int8_us", "float_us", "bf16_us")
+    print(f"{'type':6} {'N x K':>12} {'T':>3} " + " ".join(f"{c:>11}" for c in cols))
     for qtype in (Q.Q4_K, Q.Q8_0):
-        for n_out, n_in in ((2048, 7168), (7168, 2048)):
-            for T in (1, 4, 16, 64, 512):
-                r = benchmark(qtype, n_out, n_in, T, device)
-                row = " ".join(f"{r[c]:14.1f}" for c in cols)
-                print(f"{qtype.name:6} {n_out:>5}x{n_in:<4} {T:4} {row} {r['bf16_us'] / r['quant_us']:7.2f}x")
+        for n_out, n_in in V3_SHAPES:
+            for T in (1, 4) if qtype == Q.Q4_K else (1,):
+                r = dict.fromkeys(cols, float("nan"))  # int8: Q4_K only
+                for on in (True, False) if qtype in INT8_X_TYPES else (False,):
+                    with _int8_x_setting(on):
+                        b = benchmark(qtype, n_out, n_in, T, device)
+                    name = "int8" if on else "float"
+                    r[f"{name}_GBps"], r[f"{name}_us"] = b["quant_GBps"], b["quant_us"]
+                r["bf16_GBps"], r["bf16_us"] = b["bf16_GBps"], b["bf16_us"]
+                row = " ".join(f"{r[c]:11.1f}" for c in cols)
+                print(f"{qtype.name:6} {n_out:>6}x{n_in:<5} {T:3} {row}", flush=True)
     print()
-    print("One token's A experts (swiglu, F x D = 2048 x 7168, one row each): grouped_swiglu against a loop")
-    print("of per-expert quantized_matmul swiglus and one of bf16 torch.matmul swiglus; microseconds")
-    cols = ("grouped_us", "loop_us", "bf16_us", "grouped_eager_us", "loop_eager_us", "bf16_eager_us")
-    print(f"{'type':6} {'A':>3} " + " ".join(f"{c:>16}" for c in cols) + f" {'eager vs bf16':>14}")
+    print("One token's A experts (swiglu, F x D = 2048 x 7168, one row each): grouped_swiglu with int8 and")
+    print("float x, against a loop of bf16 torch.matmul swiglus; kernel microseconds (graph replay)")
+    print(f"{'type':6} {'A':>3} {'int8_us':>10} {'float_us':>10} {'bf16_us':>10} {'int8_GBps':>10}")
     for qtype in (Q.Q4_K,):
         for A in (1, 8):
-            r = benchmark_experts((qtype,) * 3, 2048, 7168, A, device)
-            row = " ".join(f"{r[c]:16.1f}" for c in cols)
-            print(f"{qtype.name:6} {A:3} {row} {r['bf16_eager_us'] / r['grouped_eager_us']:13.2f}x")
+            us = {}
+            for on in (True, False):
+                with _int8_x_setting(on):
+                    r = benchmark_experts((qtype,) * 3, 2048, 7168, A, device)
+                us[on] = r["grouped_us"]
+            gbps = A * 3 * matrix_nbytes(qtype, 2048, 7168) / us[True] / 1e3
+            print(
+                f"{qtype.name:6} {A:3} {us[True]:10.1f} {us[False]:10.1f} {r['bf16_us']:10.1f} {gbps:10.1f}"
+            )
 
 
 if __name__ == "__main__":

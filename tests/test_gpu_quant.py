@@ -15,6 +15,8 @@ per output element, as a fraction of mag = |x| @ |W|.T, which bounds every round
 - f32 x: 1e-5. Only float32 accumulation over at most 2048 terms; seen: under 4e-7.
 - swiglu: gate and up as above; silu(g) * u is rounded once to x's dtype (bf16: 2^-8); down as above.
   assert_swiglu carries the first-order bound through silu, whose slope stays under 1.1.
+- Where a kernel rounds x to int8 (gq.takes_int8_x: Q4_K, bf16, a few tokens), each input may also be off
+  by its 32-block's amax / 254: that times |W| is allowed on top (seen: under 2.5e-3 of mag in all).
 Dequantizing to float32 is bit-exact (no fused multiply-add: gguf's roundings); to bf16 it is exact on
 a GPU and within one bf16 step (2^-7 relative) in the interpreter, which truncates.
 """
@@ -91,31 +93,46 @@ def tolerance(y: torch.Tensor) -> float:
     return TOL[y.dtype] * (2 if truncated else 1)
 
 
-def assert_within(y: torch.Tensor, exact: torch.Tensor, mag: torch.Tensor, tol: float) -> None:
+def assert_within(y: torch.Tensor, exact: torch.Tensor, mag: torch.Tensor, tol: float, extra=0.0) -> None:
+    """|y - exact| <= tol * mag + extra (an absolute allowance: int8 x), elementwise."""
     err = (y.cpu().double() - exact).abs()
     worst = (err / mag.clamp_min(1e-300)).max().item()
-    assert (err <= tol * mag).all(), f"worst error {worst:.2e} of the bound's magnitude"
+    assert (err <= tol * mag + extra).all(), f"worst error {worst:.2e} of the bound's magnitude"
 
 
-def assert_product(y: torch.Tensor, x: torch.Tensor, ref: torch.Tensor) -> None:
-    """y = x @ ref.T within TOL[x.dtype] of mag (see the module docstring)."""
+def int8_x(qtypes: tuple, x: torch.Tensor, device: str, T: int | None = None) -> bool:
+    """Whether the call rounds x to int8: gq.takes_int8_x, and for quantized_matmul (T tokens) a few."""
+    return gq.takes_int8_x(qtypes, x.dtype, torch.device(device)) and (T is None or T < gq.DOT_FROM_T)
+
+
+def int8_error(x: torch.Tensor) -> torch.Tensor:
+    """Each input's worst rounding error to int8 per 32 (scale amax / 127): its block's amax / 254."""
+    amax = x.abs().view(*x.shape[:-1], -1, 32).amax(-1)  # (..., K / 32)
+    return (amax / 254).repeat_interleave(32, -1)  # (..., K)
+
+
+def assert_product(y: torch.Tensor, x: torch.Tensor, ref: torch.Tensor, int8: bool = False) -> None:
+    """y = x @ ref.T within TOL[x.dtype] of mag (see the module docstring), and with int8 x's rounding."""
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], ref.shape[0])
     x, ref = x.cpu().double(), ref.double()
-    assert_within(y, x @ ref.T, x.abs() @ ref.abs().T, tolerance(y))  # (..., N)
+    extra = int8_error(x) @ ref.abs().T if int8 else 0.0
+    assert_within(y, x @ ref.T, x.abs() @ ref.abs().T, tolerance(y), extra)  # (..., N)
 
 
-def assert_rows(y: torch.Tensor, x: torch.Tensor, refs: torch.Tensor, slots: list[int]) -> None:
+def assert_rows(y: torch.Tensor, x: torch.Tensor, refs: torch.Tensor, slots: list[int], int8=False) -> None:
     """Row a of y = x[a] @ refs[slots[a]].T, as assert_product: refs (S, N, K)."""
     assert y.dtype == x.dtype and y.shape == (x.shape[0], refs.shape[1])
     x, w = x.cpu().double(), refs[slots].double()  # (A, K), (A, N, K)
     exact = torch.einsum("ak,ank->an", x, w)
-    assert_within(y, exact, torch.einsum("ak,ank->an", x.abs(), w.abs()), tolerance(y))  # (A, N)
+    extra = torch.einsum("ak,ank->an", int8_error(x), w.abs()) if int8 else 0.0
+    assert_within(y, exact, torch.einsum("ak,ank->an", x.abs(), w.abs()), tolerance(y), extra)  # (A, N)
 
 
-def assert_swiglu(y: torch.Tensor, x: torch.Tensor, gate, up, down, slots: list[int]) -> None:
+def assert_swiglu(y: torch.Tensor, x: torch.Tensor, gate, up, down, slots: list[int], int8=(False, False)):
     """Row a of y = down(silu(gate x) * up x) with slot slots[a]'s matrices (S, ...) each; see the module
     docstring. The first-order error of h = silu(g) * u, in units of the tolerance, is bounded by
-    1.1 |u| |x| @ |G|.T + |silu g| |x| @ |U|.T + |h|; twice the bound covers the second-order terms."""
+    1.1 |u| |x| @ |G|.T + |silu g| |x| @ |U|.T + |h|; twice the bound covers the second-order terms.
+    int8: whether gate-and-up and down round their inputs to int8, whose errors are carried alike."""
     assert y.dtype == x.dtype and y.shape == x.shape
     x = x.cpu().double()
     g, u, d = (w[slots].double() for w in (gate, up, down))  # (A, F, D), (A, F, D), (A, D, F)
@@ -126,7 +143,13 @@ def assert_swiglu(y: torch.Tensor, x: torch.Tensor, gate, up, down, slots: list[
     dh = 1.1 * ux.abs() * mg + silu.abs() * mu + h.abs()  # (A, F)
     exact = torch.einsum("af,adf->ad", h, d)  # (A, D)
     mag = torch.einsum("af,adf->ad", dh + h.abs(), d.abs())
-    assert_within(y, exact, mag, 2 * tolerance(y))
+    extra = 0.0
+    if int8[0]:
+        eg, eu = (torch.einsum("ak,ank->an", int8_error(x), w.abs()) for w in (g, u))  # (A, F)
+        extra = torch.einsum("af,adf->ad", 1.1 * ux.abs() * eg + silu.abs() * eu, d.abs())
+    if int8[1]:  # h's own rounding, with room for its error above
+        extra = extra + torch.einsum("af,adf->ad", 1.1 * int8_error(h), d.abs())
+    assert_within(y, exact, mag, 2 * tolerance(y), 2 * extra)
 
 
 @pytest.mark.parametrize("T", [1, 3, 5, 16, 64])
@@ -136,7 +159,8 @@ def test_matmul_matches_f32(device, qtype, shape, T):
     """T = 1, 3: the per-token GEMV loop; 5 (padded) and 16: its tl.dot form; 64: dequantize + matmul."""
     w, ref = matrix(qtype, *shape, seed=T)
     x = tokens(T, shape[1], torch.bfloat16)
-    assert_product(gq.quantized_matmul(x.to(device), w.to(device), qtype, *shape), x, ref)
+    y = gq.quantized_matmul(x.to(device), w.to(device), qtype, *shape)
+    assert_product(y, x, ref, int8_x((qtype,), x, device, T))
 
 
 @pytest.mark.parametrize("T", [1, 5, 64])
@@ -186,7 +210,8 @@ def test_split_k(device, T, monkeypatch):
     monkeypatch.setattr(gq, "_split_k", lambda n_programs, n_steps, device: 3)
     w, ref = matrix(Q.Q4_K, 64, 2048, seed=T)
     x = tokens(T, 2048, torch.bfloat16)
-    assert_product(gq.quantized_matmul(x.to(device), w.to(device), Q.Q4_K, 64, 2048), x, ref)
+    y = gq.quantized_matmul(x.to(device), w.to(device), Q.Q4_K, 64, 2048)
+    assert_product(y, x, ref, int8_x((Q.Q4_K,), x, device, T))
 
 
 @pytest.mark.parametrize("T", [1, 64])
@@ -203,7 +228,8 @@ def test_pool_rows(device, T):
         refs.append(ref)
     x = tokens(T, n_in, torch.bfloat16)
     for s in (2, 0, 1):
-        assert_product(gq.quantized_matmul(x.to(device), pool[s], Q.Q4_K, n_out, n_in), x, refs[s])
+        y = gq.quantized_matmul(x.to(device), pool[s], Q.Q4_K, n_out, n_in)
+        assert_product(y, x, refs[s], int8_x((Q.Q4_K,), x, device, T))
 
 
 def test_leading_dims_scratch_and_empty(device):
@@ -246,7 +272,8 @@ def test_grouped_matmul_matches_f32(device, qtype, n_in, A):
     slots = slot_ids(A, 5, seed=A)
     x = tokens(A, n_in, torch.bfloat16, seed=A)
     s = torch.tensor(slots, dtype=torch.int32, device=device)
-    assert_rows(gq.grouped_matmul(x.to(device), pool, s, qtype, 40, n_in), x, refs, slots)
+    y = gq.grouped_matmul(x.to(device), pool, s, qtype, 40, n_in)
+    assert_rows(y, x, refs, slots, int8_x((qtype,), x, device))
 
 
 def test_grouped_matmul_f32_int64_slots_and_empty(device):
@@ -280,7 +307,7 @@ def test_grouped_swiglu_matches_f32(device, qtypes, A, dtype):
     x = tokens(A, n_embd, dtype, seed=A)
     s = torch.tensor(slots, dtype=torch.int32, device=device)
     y = gq.grouped_swiglu(x.to(device), *pools, s, qtypes, n_ff, n_embd)
-    assert_swiglu(y, x, *refs, slots)
+    assert_swiglu(y, x, *refs, slots, (int8_x(qtypes[:2], x, device), int8_x(qtypes[2:], x, device)))
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")
@@ -296,7 +323,7 @@ def test_grouped_swiglu_negative_slots_are_zero_rows(device, parts, monkeypatch)
     s = torch.tensor([2, -1, 0, -1], dtype=torch.int32, device=device)
     y = gq.grouped_swiglu(x.to(device), *pools, s, (Q.Q4_K,) * 3, n_ff, n_embd).cpu()  # (4, D)
     assert (y[[1, 3]] == 0).all()
-    assert_swiglu(y[[0, 2]], x[[0, 2]], *refs, [2, 0])
+    assert_swiglu(y[[0, 2]], x[[0, 2]], *refs, [2, 0], (int8_x((Q.Q4_K,), x, device),) * 2)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")
@@ -311,9 +338,10 @@ def test_grouped_split_k(device, monkeypatch):
     slots = [2, 0]
     x = tokens(2, n_embd, torch.bfloat16)
     s = torch.tensor(slots, dtype=torch.int32, device=device)
-    assert_rows(gq.grouped_matmul(x.to(device), pools[0], s, Q.Q4_K, n_ff, n_embd), x, refs[0], slots)
+    int8 = int8_x((Q.Q4_K,), x, device)
+    assert_rows(gq.grouped_matmul(x.to(device), pools[0], s, Q.Q4_K, n_ff, n_embd), x, refs[0], slots, int8)
     y = gq.grouped_swiglu(x.to(device), *pools, s, (Q.Q4_K,) * 3, n_ff, n_embd)
-    assert_swiglu(y, x, *refs, slots)
+    assert_swiglu(y, x, *refs, slots, (int8, int8))
 
 
 def test_unaligned_tensors(device):
@@ -406,7 +434,7 @@ def test_launch_tunes_once_per_key(monkeypatch):
     monkeypatch.setattr(gq, "_capturing", lambda: False)
     monkeypatch.delenv("DSRUN_GPU_QUANT_AUTOTUNE", raising=False)
     k = FakeKernel()
-    ms = {(16, 4): 3.0, (16, 8): 1.0, (32, 8): 2.0, (64, 8): 5.0}
+    ms = {(16, 4): 3.0, (16, 8): 1.0, (32, 8): 2.0, (64, 8): 5.0, (128, 8): 4.0}
     timed = []
 
     def bench(fn):
@@ -433,17 +461,17 @@ def test_tuned_on_a_gpu(monkeypatch):
     monkeypatch.setattr(gq, "_TUNED", {})
     w, ref = matrix(Q.Q4_K, 256, 2048)
     x = tokens(1, 2048, torch.bfloat16)
+    int8 = int8_x((Q.Q4_K,), x, "cuda", 1)
     for _ in range(2):
-        assert_product(gq.quantized_matmul(x.cuda(), w.cuda(), Q.Q4_K, 256, 2048), x, ref)
+        assert_product(gq.quantized_matmul(x.cuda(), w.cuda(), Q.Q4_K, 256, 2048), x, ref, int8)
     n_ff, n_embd = 256, 512
     shapes = ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))
     pools, refs = zip(*(slot_pool(Q.Q4_K, *s, 3, "cuda", seed=10 * i) for i, s in enumerate(shapes)))
     x = tokens(3, n_embd, torch.bfloat16)
     s = torch.tensor([2, 0, 2], device="cuda")
     for _ in range(2):
-        assert_swiglu(
-            gq.grouped_swiglu(x.cuda(), *pools, s, (Q.Q4_K,) * 3, n_ff, n_embd), x, *refs, [2, 0, 2]
-        )
+        y = gq.grouped_swiglu(x.cuda(), *pools, s, (Q.Q4_K,) * 3, n_ff, n_embd)
+        assert_swiglu(y, x, *refs, [2, 0, 2], (int8, int8))
     assert [k[0] for k in gq._TUNED] == ["gemv", "grouped", "grouped"]
     assert all(c in gq._CONFIGS for c in gq._TUNED.values())
 
@@ -491,28 +519,39 @@ def compile_for_h100(kernel, pointers: dict[str, str], const: dict, **options):
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0, Q.Q6_K], ids=lambda t: t.name)
 def test_kernels_compile_for_h100(qtype):
     """What the interpreter cannot check: the kernels lower to PTX, with T = 1 and a single step taken as
-    constants as Triton does for arguments equal to 1, and the dot path on tensor cores; the grouped
-    kernel alone, fused with Q4_K as its second matrix, and writing partial sums; the reduction."""
+    constants as Triton does for arguments equal to 1, the dot path on tensor cores and the int8-x path
+    on dp4a; the grouped kernel alone, fused with Q4_K as its second matrix, and writing partial sums;
+    x's rounding to int8; the reduction."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed (not a dsrun dependency)")
     if gq.triton_available("cpu"):
         pytest.skip("kernels are built for the interpreter here (TRITON_INTERPRET=1)")
     args = gq._step_args(qtype)
-    ptrs = {"x": "*bf16", "w": "*u8", "out": "*bf16"}
+    ptrs = {"x": "*bf16", "w": "*u8", "out": "*bf16", "xq": "*i32", "xd": "*fp32", "xs": "*fp32"}
+    int8 = (False, True) if qtype in gq.INT8_X_TYPES else (False,)
     for const in (
-        dict(args, BT=1, DOT=False, DOT_F32=False, BN=32, T=1, n_steps=1, steps_per_part=1),
-        dict(args, BT=4, DOT=False, DOT_F32=False, BN=16),
-        dict(args, BT=16, DOT=True, DOT_F32=False, BN=32),
+        *(
+            dict(args, BT=1, DOT=False, DOT_F32=False, INT8_X=i, BN=32, T=1, n_steps=1, steps_per_part=1)
+            for i in int8
+        ),
+        *(dict(args, BT=4, DOT=False, DOT_F32=False, INT8_X=i, BN=16) for i in int8),
+        dict(args, BT=16, DOT=True, DOT_F32=False, INT8_X=False, BN=32),
     ):
         compiled = compile_for_h100(gq._gemv_kernel, ptrs, const, num_warps=8, enable_fp_fusion=True)
         assert ("mma" in compiled.asm["ptx"]) == const["DOT"]
+        assert ("dp4a" in compiled.asm["ptx"]) == const["INT8_X"]
     compile_for_h100(gq._dequant_kernel, ptrs, dict(args, BN=16), enable_fp_fusion=False)
+    compile_for_h100(gq._quantize_x_kernel, ptrs, dict(BN=8), num_warps=4, enable_fp_fusion=True)
     a, b = gq._step_args(qtype, "_A"), gq._step_args(Q.Q4_K, "_B")
     ptrs = dict(ptrs, wa="*u8", wb="*u8", slots="*i32")
     for glu, final in ((False, True), (True, True), (True, False)):
-        const = dict(a, **b, GLU=glu, FINAL=final, BN=32)
-        out = {"out": "*bf16" if final else "*fp32"}
-        compile_for_h100(gq._grouped_kernel, dict(ptrs, **out), const, num_warps=8, enable_fp_fusion=True)
+        for i in int8:
+            const = dict(a, **b, GLU=glu, FINAL=final, INT8_X=i, BN=32)
+            out = {"out": "*bf16" if final else "*fp32"}
+            compiled = compile_for_h100(
+                gq._grouped_kernel, dict(ptrs, **out), const, num_warps=8, enable_fp_fusion=True
+            )
+            assert ("dp4a" in compiled.asm["ptx"]) == i
     for glu in (False, True):
         const = dict(GLU=glu, BN=1024)
         compile_for_h100(
