@@ -61,16 +61,22 @@ QUANTIZED = {
     "deepseek2-q8": dict(arch="deepseek2", weight_type="Q8_0"),
     "qwen3moe-q8": dict(arch="qwen3moe", weight_type="Q8_0"),
     "mixtral-q8": dict(arch="mixtral", weight_type="Q8_0"),
+    # Q4_K decode kernels round x to int8 (gpu_quant.takes_int8_x), as llama.cpp's CUDA decode does
+    "deepseek2-q4k": dict(arch="deepseek2", weight_type="Q4_K"),
+    "qwen3moe-q4k": dict(arch="qwen3moe", weight_type="Q4_K"),
 }
-Q8_TAU = 0.5  # tests/test_moe_parity.py's tau for Q8_0 against llama.cpp; the same bar between dsrun's paths
+# tests/test_moe_parity.py's tau per type against llama.cpp; the same bar between dsrun's paths
+TAU = {"Q8_0": 0.5, "Q4_K": 0.6}
 
 
 @pytest.fixture(scope="module", params=sorted(QUANTIZED))
 def quantized_model(request, tmp_path_factory):
+    """(path, tau) of a generated model with quantized weights."""
     from dsrun.synth import synthesize
 
     opts = QUANTIZED[request.param]
-    return synthesize(tmp_path_factory.mktemp("gpu-q") / f"{request.param}.gguf", n_layer=3, seed=5, **opts)
+    path = synthesize(tmp_path_factory.mktemp("gpu-q") / f"{request.param}.gguf", n_layer=3, seed=5, **opts)
+    return path, TAU[opts["weight_type"]]
 
 
 def half_resident(eng) -> None:
@@ -84,10 +90,11 @@ def half_resident(eng) -> None:
 @pytest.mark.parametrize("resident", ["half", "all"])
 def test_cuda_graph_decode_equals_eager_and_the_f32_path(quantized_model, resident, monkeypatch):
     """Decode replayed from CUDA graphs (quantized slots, the split at each MoE layer) against the same
-    placement run eagerly and against dsrun's F32 CPU path (CONTRACT.md parity, Q8_0's tau); with half
+    placement run eagerly and against dsrun's F32 CPU path (CONTRACT.md parity, the type's tau); with half
     the experts resident both sides of each layer run, with all of them the crossings find nothing cold."""
     from parity import compare, incremental_logits
 
+    quantized_model, tau = quantized_model
     monkeypatch.setenv("DSRUN_DENSE", "torch")
     reference = incremental_logits(dsrun.load(quantized_model, ctx=128, gpus=[]).model, PROMPT)
     monkeypatch.delenv("DSRUN_DENSE")
@@ -106,5 +113,5 @@ def test_cuda_graph_decode_equals_eager_and_the_f32_path(quantized_model, reside
     assert decode["cuda_graphs"] and decode["replays"] == len(PROMPT) - 2  # first: eager; second: recorded
     # bf16 expert inputs make any two GPU paths part at ~1e-3 (one flipped rounding), so the bar is tau's
     for ours, ref in ((runs["1"], runs["0"]), (runs["1"], reference)):
-        report = compare(ours, ref, Q8_TAU)
+        report = compare(ours, ref, tau)
         assert report.ok, str(report)
