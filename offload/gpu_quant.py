@@ -224,6 +224,7 @@ def _gemv_kernel(
     DOT: tl.constexpr,
     DOT_F32: tl.constexpr,
     INT8_X: tl.constexpr,
+    KB: tl.constexpr,
     BN: tl.constexpr,
 ):
     """out[part] (T, N) = x (T, K) @ W.T over this part's steps: one program per BN rows and part. With
@@ -236,25 +237,18 @@ def _gemv_kernel(
     kk = W * tl.arange(0, S)[:, None] + tl.arange(0, W)[None, :]  # (S, W): offsets in a step
     acc = tl.zeros((BT, BN), dtype=tl.float32)
     first = part * steps_per_part
-    for step in range(first, tl.minimum(first + steps_per_part, n_steps)):
-        if INT8_X:  # quants stay ints: four products a dp4a, a float multiply per sub-block
-            lo, hi, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_words(w, row_off, rmask, step)
+    last = tl.minimum(first + steps_per_part, n_steps)
+    if INT8_X:  # quants stay ints: four products a dp4a; KB steps at a time keep more bytes in flight
+        row_word = rows * (row_bytes // 4)  # (BN,): Q4_K rows are whole words
+        for step0 in range(first, last, KB):
+            lo, hi, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_words(w, row_word, rmask, step0, last, KB)
             for ti in tl.static_range(BT):
                 tx = tl.minimum(ti, T - 1)  # padded tokens repeat the last; not stored
-                r = _q4k_int8_dot(
-                    lo,
-                    hi,
-                    sc_lo,
-                    mn_lo,
-                    sc_hi,
-                    mn_hi,
-                    xq + tx * (n_in // 4),
-                    xd + tx * (n_in // 32),
-                    xs + tx * (n_in // 32),
-                    step,
-                )
+                xq_t, xd_t, xs_t = xq + tx * (n_in // 4), xd + tx * (n_in // 32), xs + tx * (n_in // 32)
+                r = _q4k_int8_dot(lo, hi, sc_lo, mn_lo, sc_hi, mn_hi, xq_t, xd_t, xs_t, step0, last, KB)
                 acc += tl.where(t[:, None] == ti, r[None, :], 0.0)
-        else:
+    else:
+        for step in range(first, last):
             q, scale, mn = _tile(w, row_off, rmask, step, n_in, QTYPE, S, W, SB)
             k = step * 256 + kk  # (S, W)
             if DOT:  # enough tokens for tensor cores: dequantize the tile, one (BT, 256) x (256, BN) dot
@@ -324,43 +318,78 @@ def _quantize_x_kernel(x, xq, xd, xs, n_in, BN: tl.constexpr):
 
 
 @_jit
-def _q4k_words(w, row_off, rmask, step):
-    """One Q4_K step of BN rows as int8-dot operands. Pair g's 32 quant bytes hold sub-block 2g in their
-    low nibbles and 2g + 1 in their high ones: as words of four, lo and hi (BN, 4, 8), word j holding
-    weights 4j..4j + 3 of its sub-block; and the scales and mins (BN, 4) of the even and odd sub-blocks."""
-    g = tl.arange(0, 4)
-    j = tl.arange(0, 8)
-    words_at = (
-        (row_off // 4 + step * 36 + 4)[:, None, None] + 8 * g[None, :, None] + j[None, None, :]
-    )  # (BN, 4, 8)
-    words = tl.load(w.to(tl.pointer_type(tl.int32)) + words_at, mask=rmask[:, None, None], other=0)
-    b2 = row_off[:, None] + step * 144  # (BN, 1): byte offset of the step
-    m2 = rmask[:, None]
-    sc_lo, mn_lo = _k_scales(w, b2, 2 * g[None, :], m2)
-    sc_hi, mn_hi = _k_scales(w, b2, 2 * g[None, :] + 1, m2)
-    return words & 0x0F0F0F0F, (words >> 4) & 0x0F0F0F0F, sc_lo, mn_lo, sc_hi, mn_hi
+def _f16_bits(h):
+    """The fp16 in the low 16 bits of int32 h, as float32."""
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @_jit
-def _q4k_int8_dot(lo, hi, sc_lo, mn_lo, sc_hi, mn_hi, xq, xd, xs, step):
-    """(BN,) float32: _q4k_words' step times one token as _quantize_x_kernel wrote it (its rows at xq,
+def _q4k_words(w, row_word, rmask, step0, last, KB: tl.constexpr):
+    """KB Q4_K steps from step0 (those before `last`) of BN rows as int8-dot operands, read from w, the
+    matrix's bytes viewed as int32 words by the host; row_word (BN,) are the rows' word offsets.
+
+    A step's block is 36 words: d and dmin (fp16 each), 12 scale bytes (dsrun.quants._k_scale_min) and
+    128 quant bytes, whose pair g of 8 words holds sub-block 2g in its low nibbles and 2g + 1 in its high
+    ones. Returns lo and hi (BN, KB, 4, 8), word j of pair g holding weights 4j..4j + 3 of its sub-block,
+    and the even (lo) and odd (hi) sub-blocks' scales d * sc and mins dmin * mn (BN, KB, 4).
+    """
+    steps = step0 + tl.arange(0, KB)  # (KB,)
+    m2 = rmask[:, None] & (steps < last)[None, :]  # (BN, KB)
+    at = row_word[:, None] + 36 * steps[None, :]  # (BN, KB): the blocks' first words
+    hdr = tl.load(w + at[:, :, None] + tl.arange(0, 4)[None, None, :], mask=m2[:, :, None], other=0)
+    h02, h13 = tl.split(tl.reshape(hdr, (hdr.shape[0], KB, 2, 2)))  # (BN, KB, 2): words 0, 2 and 1, 3
+    h0, h2 = tl.split(h02)  # (BN, KB) each
+    h1, h3 = tl.split(h13)
+    # The four scales (mins) of sub-blocks 0..3 and of 4..7, a byte each: _k_scale_min on four at once
+    sc03, mn03 = h1 & 0x3F3F3F3F, h2 & 0x3F3F3F3F
+    sc47 = (h3 & 0x0F0F0F0F) | ((h1 >> 2) & 0x30303030)
+    mn47 = ((h3 >> 4) & 0x0F0F0F0F) | ((h2 >> 2) & 0x30303030)
+    g = tl.arange(0, 4)[None, None, :]  # (1, 1, 4): pair g holds sub-blocks 2g, 2g + 1: bytes 2g % 4, + 1
+    shift = 16 * (g % 2)
+    sc = tl.where(g < 2, sc03[:, :, None], sc47[:, :, None]) >> shift  # (BN, KB, 4)
+    mn = tl.where(g < 2, mn03[:, :, None], mn47[:, :, None]) >> shift
+    d, dmin = _f16_bits(h0)[:, :, None], _f16_bits(h0 >> 16)[:, :, None]  # (BN, KB, 1)
+    j = tl.arange(0, 8)[None, None, None, :]  # (1, 1, 1, 8)
+    words = tl.load(
+        w + (at + 4)[:, :, None, None] + 8 * g[:, :, :, None] + j, mask=m2[:, :, None, None], other=0
+    )
+    return (
+        words & 0x0F0F0F0F,
+        (words >> 4) & 0x0F0F0F0F,
+        d * _as_f32(sc & 255),
+        dmin * _as_f32(mn & 255),
+        d * _as_f32((sc >> 8) & 255),
+        dmin * _as_f32((mn >> 8) & 255),
+    )
+
+
+@_jit
+def _q4k_int8_dot(lo, hi, sc_lo, mn_lo, sc_hi, mn_hi, xq, xd, xs, step0, last, KB: tl.constexpr):
+    """(BN,) float32: _q4k_words' steps times one token as _quantize_x_kernel wrote it (its rows at xq,
     xd, xs). Per sub-block: scale * x scale * (int dot of quants) - min * (sum of x)."""
-    g = tl.arange(0, 4)
-    at = step * 64 + 16 * g[:, None] + tl.arange(0, 8)[None, :]  # (4, 8): x words of the even sub-blocks
+    steps = step0 + tl.arange(0, KB)[:, None]  # (KB, 1)
+    sub = 4 * steps + tl.arange(0, 4)[None, :]  # (KB, 4): pair index in the row; x's even sub-block 2 sub
+    m = steps < last
+    at = 16 * sub[:, :, None] + tl.arange(0, 8)[None, None, :]  # (KB, 4, 8): x words of the even sub-blocks
     zero = tl.zeros(lo.shape, dtype=tl.int32)
-    dot_lo = tl.sum(_dp4a(lo, tl.load(xq + at)[None, :, :], zero), axis=2)  # (BN, 4)
-    dot_hi = tl.sum(_dp4a(hi, tl.load(xq + at + 8)[None, :, :], zero), axis=2)  # odd: 8 words on
-    b = step * 8 + 2 * g  # (4,): the even sub-blocks' x scales and sums
-    r = sc_lo * tl.load(xd + b)[None, :] * _as_f32(dot_lo) - mn_lo * tl.load(xs + b)[None, :]
-    r += sc_hi * tl.load(xd + b + 1)[None, :] * _as_f32(dot_hi) - mn_hi * tl.load(xs + b + 1)[None, :]
-    return tl.sum(r, axis=1)
+    dot_lo = tl.sum(
+        _dp4a(lo, tl.load(xq + at, mask=m[:, :, None], other=0)[None], zero), axis=3
+    )  # (BN, KB, 4)
+    dot_hi = tl.sum(_dp4a(hi, tl.load(xq + at + 8, mask=m[:, :, None], other=0)[None], zero), axis=3)
+    xd_lo, xs_lo = tl.load(xd + 2 * sub, mask=m, other=0)[None], tl.load(xs + 2 * sub, mask=m, other=0)[None]
+    xd_hi, xs_hi = (
+        tl.load(xd + 2 * sub + 1, mask=m, other=0)[None],
+        tl.load(xs + 2 * sub + 1, mask=m, other=0)[None],
+    )
+    r = sc_lo * xd_lo * _as_f32(dot_lo) - mn_lo * xs_lo + sc_hi * xd_hi * _as_f32(dot_hi) - mn_hi * xs_hi
+    return tl.sum(tl.sum(r, axis=2), axis=1)
 
 
 @_jit
-def _q4k_int8_row(w, row_off, rmask, step, xq, xd, xs):
-    """(BN,) float32: one Q4_K step of BN rows times one int8 token (_q4k_words, then _q4k_int8_dot)."""
-    lo, hi, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_words(w, row_off, rmask, step)
-    return _q4k_int8_dot(lo, hi, sc_lo, mn_lo, sc_hi, mn_hi, xq, xd, xs, step)
+def _q4k_int8_row(w, row_word, rmask, step0, last, xq, xd, xs, KB: tl.constexpr):
+    """(BN,) float32: KB Q4_K steps of BN rows times one int8 token (_q4k_words, then _q4k_int8_dot)."""
+    lo, hi, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_words(w, row_word, rmask, step0, last, KB)
+    return _q4k_int8_dot(lo, hi, sc_lo, mn_lo, sc_hi, mn_hi, xq, xd, xs, step0, last, KB)
 
 
 @_jit
@@ -396,6 +425,7 @@ def _grouped_kernel(
     GLU: tl.constexpr,
     FINAL: tl.constexpr,
     INT8_X: tl.constexpr,
+    KB: tl.constexpr,
     BN: tl.constexpr,
 ):
     """out[a] (N,) = x[a] @ A_s.T for s = slots[a], A_s that slot of pool wa; with GLU silu(x[a] @ A_s.T) *
@@ -408,19 +438,26 @@ def _grouped_kernel(
     slot = tl.load(slots + a).to(tl.int64)  # a pool may pass 2 GiB: int64 slot offsets
     rmask = rows < tl.where(slot >= 0, n_out, 0)  # a negative slot reads nothing: its row comes out zero
     slot = tl.maximum(slot, 0)
-    w_a = wa + slot * slot_bytes_a
-    w_b = wb + slot * slot_bytes_b
+    unit = 4 if INT8_X else 1  # int8 x: the pools come as int32 words
+    w_a = wa + slot * (slot_bytes_a // unit)
+    w_b = wb + slot * (slot_bytes_b // unit)
     x_row = x + a * n_in
     acc_a = tl.zeros((BN,), dtype=tl.float32)
     acc_b = tl.zeros((BN,), dtype=tl.float32)
     first = part * steps_per_part
-    xq_row, xd_row, xs_row = xq + a * (n_in // 4), xd + a * (n_in // 32), xs + a * (n_in // 32)
-    for step in range(first, tl.minimum(first + steps_per_part, n_steps)):
-        if INT8_X:  # Q4_K both: as _gemv_kernel
-            acc_a += _q4k_int8_row(w_a, rows * row_bytes_a, rmask, step, xq_row, xd_row, xs_row)
+    last = tl.minimum(first + steps_per_part, n_steps)
+    if INT8_X:  # Q4_K both: as _gemv_kernel
+        xq_row, xd_row, xs_row = xq + a * (n_in // 4), xd + a * (n_in // 32), xs + a * (n_in // 32)
+        for step0 in range(first, last, KB):
+            acc_a += _q4k_int8_row(
+                w_a, rows * (row_bytes_a // 4), rmask, step0, last, xq_row, xd_row, xs_row, KB
+            )
             if GLU:
-                acc_b += _q4k_int8_row(w_b, rows * row_bytes_b, rmask, step, xq_row, xd_row, xs_row)
-        else:
+                acc_b += _q4k_int8_row(
+                    w_b, rows * (row_bytes_b // 4), rmask, step0, last, xq_row, xd_row, xs_row, KB
+                )
+    else:
+        for step in range(first, last):
             acc_a += _row_dot(
                 w_a, rows * row_bytes_a, rmask, step, x_row, n_in, QTYPE_A, S_A, W_A, SB_A, MIN_A
             )
@@ -575,18 +612,26 @@ class _Int8X:
         return self.xq, self.xd, self.xs
 
 
+def _int8_tile(bn: int) -> dict:
+    """The int8-x kernels' steps per iteration (KB) for BN rows; the float kernels ignore it."""
+    return dict(KB=max(1, _INT8_TILE // bn))
+
+
 def _word_aligned(*tensors: torch.Tensor) -> bool:
-    """Whether int32 loads may read these uint8 tensors (the int8-x kernels read Q4_K quants as words)."""
-    return not any(t.data_ptr() & 3 for t in tensors)
+    """Whether these uint8 tensors (whose last dimension is whole words) view as int32: the int8-x
+    kernels read Q4_K blocks as words."""
+    return not any(t.data_ptr() & 3 or t.shape[-1] & 3 for t in tensors)
 
 
 # --- launches -------------------------------------------------------------------------------------------
 
 _Config = tuple[int, int, int]  # (BN, num_warps, num_stages)
-# As Triton 3.9 builds them for sm_90, BN up to 64 does not spill in the float GEMV; BN 64 does in the
-# grouped kernel with a Q6_K gate and up. BN 128 is for the int8-x kernels' smaller tiles. Timing passes
-# over configs that spill.
-_CONFIGS: tuple[_Config, ...] = ((16, 4, 3), (16, 8, 3), (32, 8, 3), (64, 8, 3), (128, 8, 3))
+# As Triton 3.9 builds them for sm_90, none spills in the GEMV; BN 64 does in the grouped kernel with a
+# Q6_K gate and up, where timing should pass it over.
+_CONFIGS: tuple[_Config, ...] = ((16, 4, 3), (16, 8, 3), (32, 8, 3), (64, 8, 3))
+# The int8-x kernels read BN rows times KB = _INT8_TILE // BN steps at once (_int8_tile): 8 KiB of quants.
+_INT8_CONFIGS: tuple[_Config, ...] = ((4, 4, 3), (8, 4, 3), (16, 4, 3), (16, 8, 3), (32, 8, 3), (64, 8, 3))
+_INT8_TILE = 64
 _DEFAULT_CONFIG: _Config = (_GEMV_BN, 8, 3)  # untuned: the interpreter, DSRUN_GPU_QUANT_AUTOTUNE=0
 _TUNED: dict[tuple, _Config] = {}  # tune key -> the fastest of _CONFIGS there
 
@@ -613,9 +658,10 @@ def _bench(fn: Callable[[], object]) -> float:
 
 class _Launch:
     """One kernel, launched again and again on new tensors with everything else fixed: its ints and
-    constexprs (`consts`, every parameter after the tensors but BN), grid and config.
+    constexprs (`consts`, every parameter after the tensors but BN and those `tile(BN)` gives), grid and
+    config.
 
-    A launch with a `tune_key` and no config takes the fastest of _CONFIGS, timed on its first call's
+    A launch with a `tune_key` and no config takes the fastest of `configs`, timed on its first call's
     tensors once per key. Once it has compiled on a GPU, calls go straight to the compiled kernel, past
     Triton's argument binding, specialization and cache lookup; as that kernel was specialized for 16-byte
     aligned pointers, a call with one that is not (`aligned=False`) goes through Triton.
@@ -630,15 +676,17 @@ class _Launch:
         fp_fusion: bool,
         config: _Config | None = None,
         tune_key: tuple | None = None,
+        configs: tuple[_Config, ...] = _CONFIGS,
+        tile: Callable[[int], dict] = lambda bn: {},
     ):
         self.kernel, self.consts, self.grid_of, self.fp_fusion = kernel, consts, grid, fp_fusion
-        self.tune_key = tune_key
+        self.tune_key, self.configs, self.tile = tune_key, configs, tile
         self.bound = None if config is None else self._bind(config)  # (grid, args, options)
         self.runner = None  # the compiled kernel's launcher, for the bound grid
 
     def _bind(self, config: _Config) -> tuple[tuple[int, ...], tuple, dict]:
         bn, num_warps, num_stages = config
-        values = dict(self.consts, BN=bn)
+        values = dict(self.consts, **self.tile(bn), BN=bn)
         names = self.kernel.arg_names
         args = tuple(values[n] for n in names[len(names) - len(values) :])  # in the kernel's order
         options = dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=self.fp_fusion)
@@ -667,7 +715,7 @@ class _Launch:
             return _DEFAULT_CONFIG
         config = _TUNED.get(self.tune_key)
         if config is None:  # outputs are only written, so timing on the call's own tensors is harmless
-            ms = {c: _bench(functools.partial(self._launch, self._bind(c), tensors)) for c in _CONFIGS}
+            ms = {c: _bench(functools.partial(self._launch, self._bind(c), tensors)) for c in self.configs}
             config = _TUNED[self.tune_key] = min(ms, key=ms.get)
         return config
 
@@ -730,6 +778,8 @@ class _MatmulPlan:
                     lambda bn: (triton.cdiv(n_out, bn), parts),
                     fp_fusion=True,  # said outright: Triton 3.9 warns that its default will change
                     tune_key=("gemv", qtype, n_out, n_in, bt, dtype, device, int8),
+                    configs=_INT8_CONFIGS if int8 else _CONFIGS,
+                    tile=_int8_tile,
                 )
 
             self.gemv = gemv(False)
@@ -754,7 +804,7 @@ class _MatmulPlan:
             aligned = not (x.data_ptr() | w.data_ptr()) & 15
             dst = out if self.reduce is None else self.partials
             if self.int8_x is not None and _word_aligned(w):
-                self.gemv_int8(x, w, dst, *self.int8_x(x), aligned=aligned)
+                self.gemv_int8(x, w.view(torch.int32), dst, *self.int8_x(x), aligned=aligned)
             else:
                 self.gemv(x, w, dst, x, x, x, aligned=aligned)  # x stands for the unused int8 buffers
             if self.reduce is not None:
@@ -845,6 +895,8 @@ class _GroupedPlan:
                 lambda bn: (A, triton.cdiv(n_out, bn), parts),
                 fp_fusion=True,
                 tune_key=("grouped", qtypes, n_out, n_in, bucket, parts, dtype, device, int8),
+                configs=_INT8_CONFIGS if int8 else _CONFIGS,
+                tile=_int8_tile,
             )
 
         self.kernel = kernel(False)
@@ -890,6 +942,7 @@ class _GroupedPlan:
             aligned = not (x.data_ptr() | pa.data_ptr() | pb.data_ptr() | slots.data_ptr()) & 15
             dst = out if self.reduce is None else self.partials
             if self.int8_x is not None and _word_aligned(pa, pb):
+                pa, pb = pa.view(torch.int32), pb.view(torch.int32)  # (S, bytes / 4)
                 self.kernel_int8(x, pa, pb, slots, dst, *self.int8_x(x), aligned=aligned)
             else:
                 self.kernel(x, pa, pb, slots, dst, x, x, x, aligned=aligned)  # x: no int8 buffers

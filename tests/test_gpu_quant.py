@@ -434,7 +434,7 @@ def test_launch_tunes_once_per_key(monkeypatch):
     monkeypatch.setattr(gq, "_capturing", lambda: False)
     monkeypatch.delenv("DSRUN_GPU_QUANT_AUTOTUNE", raising=False)
     k = FakeKernel()
-    ms = {(16, 4): 3.0, (16, 8): 1.0, (32, 8): 2.0, (64, 8): 5.0, (128, 8): 4.0}
+    ms = {(16, 4): 3.0, (16, 8): 1.0, (32, 8): 2.0, (64, 8): 5.0}
     timed = []
 
     def bench(fn):
@@ -531,13 +531,18 @@ def test_kernels_compile_for_h100(qtype):
     int8 = (False, True) if qtype in gq.INT8_X_TYPES else (False,)
     for const in (
         *(
-            dict(args, BT=1, DOT=False, DOT_F32=False, INT8_X=i, BN=32, T=1, n_steps=1, steps_per_part=1)
+            dict(
+                args, BT=1, DOT=False, DOT_F32=False, INT8_X=i, KB=2, BN=32, T=1, n_steps=1, steps_per_part=1
+            )
             for i in int8
         ),
-        *(dict(args, BT=4, DOT=False, DOT_F32=False, INT8_X=i, BN=16) for i in int8),
-        dict(args, BT=16, DOT=True, DOT_F32=False, INT8_X=False, BN=32),
+        *(dict(args, BT=4, DOT=False, DOT_F32=False, INT8_X=i, KB=16, BN=4) for i in int8),
+        dict(args, BT=16, DOT=True, DOT_F32=False, INT8_X=False, KB=2, BN=32),
     ):
-        compiled = compile_for_h100(gq._gemv_kernel, ptrs, const, num_warps=8, enable_fp_fusion=True)
+        words = {"w": "*i32"} if const["INT8_X"] else {}  # int8 x: the host passes Q4_K bytes as words
+        compiled = compile_for_h100(
+            gq._gemv_kernel, dict(ptrs, **words), const, num_warps=8, enable_fp_fusion=True
+        )
         assert ("mma" in compiled.asm["ptx"]) == const["DOT"]
         assert ("dp4a" in compiled.asm["ptx"]) == const["INT8_X"]
     compile_for_h100(gq._dequant_kernel, ptrs, dict(args, BN=16), enable_fp_fusion=False)
@@ -546,8 +551,10 @@ def test_kernels_compile_for_h100(qtype):
     ptrs = dict(ptrs, wa="*u8", wb="*u8", slots="*i32")
     for glu, final in ((False, True), (True, True), (True, False)):
         for i in int8:
-            const = dict(a, **b, GLU=glu, FINAL=final, INT8_X=i, BN=32)
+            const = dict(a, **b, GLU=glu, FINAL=final, INT8_X=i, KB=8, BN=8)
             out = {"out": "*bf16" if final else "*fp32"}
+            if i:
+                out.update(wa="*i32", wb="*i32")
             compiled = compile_for_h100(
                 gq._grouped_kernel, dict(ptrs, **out), const, num_warps=8, enable_fp_fusion=True
             )
