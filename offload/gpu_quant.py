@@ -2,8 +2,10 @@
 
 A GPU expert slot can hold an expert's GGUF bytes instead of a bf16 copy (Q4_K is 3.5x smaller). Up to
 FUSED_MAX_T tokens, one Triton kernel reads each weight byte once and dequantizes in registers (decode is
-bound by weight bandwidth); for more tokens a Triton kernel dequantizes into a reused bf16 scratch and
-cuBLAS multiplies (prefill is bound by compute, where cuBLAS wins). `grouped_matmul` and `grouped_swiglu`
+bound by weight bandwidth); Q4_K below DOT_FROM_T tokens rounds x to int8 per 32 instead and multiplies
+the quants as ints with dp4a, as llama.cpp's CUDA decode does (takes_int8_x); for more tokens a Triton
+kernel dequantizes into a reused bf16 scratch and cuBLAS multiplies (prefill is bound by compute, where
+cuBLAS wins). `grouped_matmul` and `grouped_swiglu`
 take rows that each name a slot of a pool, all in one launch: a decode step's experts of one layer. Without
 Triton for a device, the same calls run `dsrun.quants.dequantize` and a float32 matmul, so callers work
 everywhere.
@@ -586,12 +588,11 @@ def _split_k(n_programs: int, n_steps: int, device: torch.device) -> int:
 
 def takes_int8_x(qtypes: tuple[GGMLQuantizationType, ...], dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the few-token kernels round x to int8 per 32 (as llama.cpp's CUDA decode does) and multiply
-    the quants as ints, four at a time: for Q4_K matrices and 16-bit x on a Triton device, unless
-    DSRUN_GPU_INT8_X=0. An input's rounding error is at most its block's amax / 254; float32 x stays
-    exact."""
+    the quants as ints, four at a time: for Q4_K matrices on a Triton device, unless DSRUN_GPU_INT8_X=0.
+    An input's rounding error is at most its block's amax / 254."""
     return (
         all(q in INT8_X_TYPES for q in qtypes)
-        and dtype in (torch.bfloat16, torch.float16)
+        and dtype in (torch.bfloat16, torch.float16, torch.float32)
         and triton_available(device)
         and os.environ.get("DSRUN_GPU_INT8_X", "1") != "0"
     )
