@@ -226,11 +226,12 @@ def _gemv_kernel(
     DOT: tl.constexpr,
     DOT_F32: tl.constexpr,
     INT8_X: tl.constexpr,
+    LEVELS: tl.constexpr,
     KB: tl.constexpr,
     BN: tl.constexpr,
 ):
     """out[part] (T, N) = x (T, K) @ W.T over this part's steps: one program per BN rows and part. With
-    INT8_X (Q4_K, a few tokens) x is read as _quantize_x_kernel wrote it to xq, xd, xs."""
+    INT8_X (Q4_K, a few tokens) x is read as _quantize_x_kernel wrote it to xq, xd, xs, in LEVELS."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)  # (BN,)
     part = tl.program_id(1)
     rmask = rows < n_out
@@ -246,8 +247,11 @@ def _gemv_kernel(
             lo, hi, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_words(w, row_word, rmask, step0, last, KB)
             for ti in tl.static_range(BT):
                 tx = tl.minimum(ti, T - 1)  # padded tokens repeat the last; not stored
-                xq_t, xd_t, xs_t = xq + tx * (n_in // 4), xd + tx * (n_in // 32), xs + tx * (n_in // 32)
-                r = _q4k_int8_dot(lo, hi, sc_lo, mn_lo, sc_hi, mn_hi, xq_t, xd_t, xs_t, step0, last, KB)
+                xq_t = xq + tx * (LEVELS * n_in // 4)
+                xd_t, xs_t = xd + tx * (n_in // 32), xs + tx * (n_in // 32)
+                r = _q4k_int8_dot(
+                    lo, hi, sc_lo, mn_lo, sc_hi, mn_hi, xq_t, xd_t, xs_t, n_in // 4, step0, last, KB, LEVELS
+                )
                 acc += tl.where(t[:, None] == ti, r[None, :], 0.0)
     else:
         for step in range(first, last):
@@ -302,19 +306,29 @@ def _row_dot(
 
 
 @_jit
-def _quantize_x_kernel(x, xq, xd, xs, n_in, BN: tl.constexpr):
-    """Row t of x (R, K) rounded to int8 per 32 with scale amax / 127 (llama.cpp's q8_1): words of four
-    into xq (R, K / 4) int32, the scales into xd and the blocks' float sums into xs (R, K / 32). One
+def _int8_words(q, BN: tl.constexpr):
+    """(BN, 32) ints in [-127, 127] as (BN, 8) int32 words of four bytes."""
+    q = tl.reshape(q & 255, (BN, 8, 4))  # (BN, 8, 4): four bytes of each word
+    return tl.sum(q << (8 * tl.arange(0, 4))[None, None, :], axis=2)  # (BN, 8): no bits overlap
+
+
+@_jit
+def _quantize_x_kernel(x, xq, xd, xs, n_in, LEVELS: tl.constexpr, BN: tl.constexpr):
+    """Row t of x (R, K) rounded to int8 per 32 with scale d = amax / 127 (llama.cpp's q8_1): words of
+    four into xq (R, LEVELS * K / 4) int32, the scales into xd and the blocks' float sums into xs
+    (R, K / 32). With LEVELS 2 the rounding's remainder follows, rounded to int8 with scale d / 254. One
     program per row and BN blocks of 32."""
     t = tl.program_id(0)
     b = tl.program_id(1) * BN + tl.arange(0, BN)  # (BN,): blocks of 32
     v = tl.load(x + t * n_in + 32 * b[:, None] + tl.arange(0, 32)[None, :]).to(tl.float32)  # (BN, 32)
     amax = tl.max(tl.abs(v), axis=1)  # (BN,)
-    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
-    q = tl.floor(v * inv[:, None] + 0.5).to(tl.int32) & 255  # (BN, 32): bytes of int8 in [-127, 127]
-    q = tl.reshape(q, (BN, 8, 4))  # (BN, 8, 4): four bytes of each word
-    words = tl.sum(q << (8 * tl.arange(0, 4))[None, None, :], axis=2)  # (BN, 8): no bits overlap
-    tl.store(xq + t * (n_in // 4) + 8 * b[:, None] + tl.arange(0, 8)[None, :], words)
+    inv = tl.where(amax > 0, 127.0 / amax, 0.0)[:, None]  # (BN, 1)
+    q = tl.floor(v * inv + 0.5)  # (BN, 32): ints in [-127, 127]
+    row = xq + t * (LEVELS * n_in // 4) + 8 * b[:, None] + tl.arange(0, 8)[None, :]  # (BN, 8)
+    tl.store(row, _int8_words(q.to(tl.int32), BN))
+    if LEVELS == 2:  # |v * inv - q| <= 1/2: times 254 within [-127, 127]
+        r = tl.floor((v * inv - q) * 254.0 + 0.5)
+        tl.store(row + n_in // 4, _int8_words(tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int32), BN))
     tl.store(xd + t * (n_in // 32) + b, amax / 127.0)
     tl.store(xs + t * (n_in // 32) + b, tl.sum(v, axis=1))
 
@@ -366,32 +380,44 @@ def _q4k_words(w, row_word, rmask, step0, last, KB: tl.constexpr):
 
 
 @_jit
-def _q4k_int8_dot(lo, hi, sc_lo, mn_lo, sc_hi, mn_hi, xq, xd, xs, step0, last, KB: tl.constexpr):
+def _q4k_int8_dot(
+    lo, hi, sc_lo, mn_lo, sc_hi, mn_hi, xq, xd, xs, rest, step0, last, KB: tl.constexpr, LEVELS: tl.constexpr
+):
     """(BN,) float32: _q4k_words' steps times one token as _quantize_x_kernel wrote it (its rows at xq,
-    xd, xs). Per sub-block: scale * x scale * (int dot of quants) - min * (sum of x)."""
+    xd, xs; the remainder's words `rest` on). Per sub-block: scale * x scale * (int dot of quants) - min *
+    (sum of x)."""
     steps = step0 + tl.arange(0, KB)[:, None]  # (KB, 1)
     sub = 4 * steps + tl.arange(0, 4)[None, :]  # (KB, 4): pair index in the row; x's even sub-block 2 sub
     m = steps < last
     at = 16 * sub[:, :, None] + tl.arange(0, 8)[None, None, :]  # (KB, 4, 8): x words of the even sub-blocks
-    zero = tl.zeros(lo.shape, dtype=tl.int32)
-    dot_lo = tl.sum(
-        _dp4a(lo, tl.load(xq + at, mask=m[:, :, None], other=0)[None], zero), axis=3
-    )  # (BN, KB, 4)
-    dot_hi = tl.sum(_dp4a(hi, tl.load(xq + at + 8, mask=m[:, :, None], other=0)[None], zero), axis=3)
+    dot_lo = _levels_dot(lo, xq, at, m, rest, LEVELS)  # (BN, KB, 4)
+    dot_hi = _levels_dot(hi, xq, at + 8, m, rest, LEVELS)
     xd_lo, xs_lo = tl.load(xd + 2 * sub, mask=m, other=0)[None], tl.load(xs + 2 * sub, mask=m, other=0)[None]
     xd_hi, xs_hi = (
         tl.load(xd + 2 * sub + 1, mask=m, other=0)[None],
         tl.load(xs + 2 * sub + 1, mask=m, other=0)[None],
     )
-    r = sc_lo * xd_lo * _as_f32(dot_lo) - mn_lo * xs_lo + sc_hi * xd_hi * _as_f32(dot_hi) - mn_hi * xs_hi
+    r = sc_lo * xd_lo * dot_lo - mn_lo * xs_lo + sc_hi * xd_hi * dot_hi - mn_hi * xs_hi
     return tl.sum(tl.sum(r, axis=2), axis=1)
 
 
 @_jit
-def _q4k_int8_row(w, row_word, rmask, step0, last, xq, xd, xs, KB: tl.constexpr):
+def _levels_dot(q, xq, at, m, rest, LEVELS: tl.constexpr):
+    """(BN, KB, 4) float32: each sub-block's quant words q (BN, KB, 4, 8) dotted with x's int8 words at
+    xq + at (KB, 4, 8), in units of x's scale; with LEVELS 2 plus the remainder's, `rest` words on."""
+    zero = tl.zeros(q.shape, dtype=tl.int32)
+    dot = _as_f32(tl.sum(_dp4a(q, tl.load(xq + at, mask=m[:, :, None], other=0)[None], zero), axis=3))
+    if LEVELS == 2:
+        rest = tl.sum(_dp4a(q, tl.load(xq + at + rest, mask=m[:, :, None], other=0)[None], zero), axis=3)
+        dot += _as_f32(rest) * (1.0 / 254.0)
+    return dot
+
+
+@_jit
+def _q4k_int8_row(w, row_word, rmask, step0, last, xq, xd, xs, rest, KB: tl.constexpr, LEVELS: tl.constexpr):
     """(BN,) float32: KB Q4_K steps of BN rows times one int8 token (_q4k_words, then _q4k_int8_dot)."""
     lo, hi, sc_lo, mn_lo, sc_hi, mn_hi = _q4k_words(w, row_word, rmask, step0, last, KB)
-    return _q4k_int8_dot(lo, hi, sc_lo, mn_lo, sc_hi, mn_hi, xq, xd, xs, step0, last, KB)
+    return _q4k_int8_dot(lo, hi, sc_lo, mn_lo, sc_hi, mn_hi, xq, xd, xs, rest, step0, last, KB, LEVELS)
 
 
 @_jit
@@ -427,13 +453,14 @@ def _grouped_kernel(
     GLU: tl.constexpr,
     FINAL: tl.constexpr,
     INT8_X: tl.constexpr,
+    LEVELS: tl.constexpr,
     KB: tl.constexpr,
     BN: tl.constexpr,
 ):
     """out[a] (N,) = x[a] @ A_s.T for s = slots[a], A_s that slot of pool wa; with GLU silu(x[a] @ A_s.T) *
     (x[a] @ B_s.T), B_s from pool wb. One program per row a, BN output rows and split-K part. Unless FINAL,
     float32 partial sums go to out[part] (P, A, N), and with GLU B's to out + b_offset. With INT8_X x is
-    read as _quantize_x_kernel wrote it to xq, xd, xs."""
+    read as _quantize_x_kernel wrote it to xq, xd, xs, in LEVELS."""
     a = tl.program_id(0)  # rows vary fastest: rows that share a slot read its blocks at about the same time
     rows = tl.program_id(1) * BN + tl.arange(0, BN)  # (BN,)
     part = tl.program_id(2)
@@ -449,14 +476,34 @@ def _grouped_kernel(
     first = part * steps_per_part
     last = tl.minimum(first + steps_per_part, n_steps)
     if INT8_X:  # Q4_K both: as _gemv_kernel
-        xq_row, xd_row, xs_row = xq + a * (n_in // 4), xd + a * (n_in // 32), xs + a * (n_in // 32)
+        xq_row, xd_row, xs_row = xq + a * (LEVELS * n_in // 4), xd + a * (n_in // 32), xs + a * (n_in // 32)
         for step0 in range(first, last, KB):
             acc_a += _q4k_int8_row(
-                w_a, rows * (row_bytes_a // 4), rmask, step0, last, xq_row, xd_row, xs_row, KB
+                w_a,
+                rows * (row_bytes_a // 4),
+                rmask,
+                step0,
+                last,
+                xq_row,
+                xd_row,
+                xs_row,
+                n_in // 4,
+                KB,
+                LEVELS,
             )
             if GLU:
                 acc_b += _q4k_int8_row(
-                    w_b, rows * (row_bytes_b // 4), rmask, step0, last, xq_row, xd_row, xs_row, KB
+                    w_b,
+                    rows * (row_bytes_b // 4),
+                    rmask,
+                    step0,
+                    last,
+                    xq_row,
+                    xd_row,
+                    xs_row,
+                    n_in // 4,
+                    KB,
+                    LEVELS,
                 )
     else:
         for step in range(first, last):
@@ -589,7 +636,7 @@ def _split_k(n_programs: int, n_steps: int, device: torch.device) -> int:
 def takes_int8_x(qtypes: tuple[GGMLQuantizationType, ...], dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the few-token kernels round x to int8 per 32 (as llama.cpp's CUDA decode does) and multiply
     the quants as ints, four at a time: for Q4_K matrices on a Triton device, unless DSRUN_GPU_INT8_X=0.
-    An input's rounding error is at most its block's amax / 254."""
+    An input's rounding error is at most int8_x_error(dtype) times its block's amax."""
     return (
         all(q in INT8_X_TYPES for q in qtypes)
         and dtype in (torch.bfloat16, torch.float16, torch.float32)
@@ -598,15 +645,28 @@ def takes_int8_x(qtypes: tuple[GGMLQuantizationType, ...], dtype: torch.dtype, d
     )
 
 
+def int8_x_levels(dtype: torch.dtype) -> int:
+    """Int8 roundings of x: one for 16-bit x, whose own rounding is of that size; two for float32 x (the
+    remainder of the first, to d / 254), which then stays within bf16's error."""
+    return 2 if dtype == torch.float32 else 1
+
+
+def int8_x_error(dtype: torch.dtype) -> float:
+    """The most an input rounded to int8 per 32 moves, as a fraction of its block's amax."""
+    return 1 / 254 if int8_x_levels(dtype) == 1 else 1 / (254 * 254)
+
+
 class _Int8X:
     """x (R, K) rounded to int8 per 32 by _quantize_x_kernel into buffers of its own: one call shape's."""
 
-    def __init__(self, rows: int, n_in: int, device: torch.device):
-        self.xq = torch.empty(rows, n_in // 4, dtype=torch.int32, device=device)  # (R, K / 4): words of 4
+    def __init__(self, rows: int, n_in: int, dtype: torch.dtype, device: torch.device):
+        levels = int8_x_levels(dtype)
+        self.xq = torch.empty(rows, levels * n_in // 4, dtype=torch.int32, device=device)  # (R, L * K / 4)
         self.xd = torch.empty(rows, n_in // 32, dtype=torch.float32, device=device)  # (R, K / 32): scales
         self.xs = torch.empty(rows, n_in // 32, dtype=torch.float32, device=device)  # (R, K / 32): sums
         grid = lambda bn: (rows, n_in // (32 * bn))  # noqa: E731
-        self.launch = _Launch(_quantize_x_kernel, dict(n_in=n_in), grid, fp_fusion=True, config=(8, 4, 1))
+        consts = dict(n_in=n_in, LEVELS=levels)
+        self.launch = _Launch(_quantize_x_kernel, consts, grid, fp_fusion=True, config=(8, 4, 1))
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self.launch(x, self.xq, self.xd, self.xs, aligned=not x.data_ptr() & 15)
@@ -775,7 +835,7 @@ class _MatmulPlan:
             def gemv(int8: bool) -> _Launch:
                 return _Launch(
                     _gemv_kernel,
-                    dict(consts, INT8_X=int8),
+                    dict(consts, INT8_X=int8, LEVELS=int8_x_levels(dtype)),
                     lambda bn: (triton.cdiv(n_out, bn), parts),
                     fp_fusion=True,  # said outright: Triton 3.9 warns that its default will change
                     tune_key=("gemv", qtype, n_out, n_in, bt, dtype, device, int8),
@@ -785,7 +845,7 @@ class _MatmulPlan:
 
             self.gemv = gemv(False)
             if not dot and takes_int8_x((qtype,), dtype, device):  # word-aligned weights take it
-                self.gemv_int8, self.int8_x = gemv(True), _Int8X(T, n_in, device)
+                self.gemv_int8, self.int8_x = gemv(True), _Int8X(T, n_in, dtype, device)
             if parts > 1:  # float32 partial sums, added up by a second kernel: deterministic, unlike atomics
                 self.partials = torch.empty(parts, T, n_out, dtype=torch.float32, device=device)  # (P, T, N)
                 self.reduce = _reduce_launch(T * n_out, parts, glu=False)
@@ -892,7 +952,7 @@ class _GroupedPlan:
         def kernel(int8: bool) -> _Launch:
             return _Launch(
                 _grouped_kernel,
-                dict(consts, INT8_X=int8),
+                dict(consts, INT8_X=int8, LEVELS=int8_x_levels(dtype)),
                 lambda bn: (A, triton.cdiv(n_out, bn), parts),
                 fp_fusion=True,
                 tune_key=("grouped", qtypes, n_out, n_in, bucket, parts, dtype, device, int8),
@@ -902,7 +962,7 @@ class _GroupedPlan:
 
         self.kernel = kernel(False)
         if takes_int8_x(qtypes, dtype, device):  # word-aligned pools take it
-            self.kernel_int8, self.int8_x = kernel(True), _Int8X(A, n_in, device)
+            self.kernel_int8, self.int8_x = kernel(True), _Int8X(A, n_in, dtype, device)
         if parts > 1:
             n = (1 + glu) * parts * m  # (P, A, N), and B's after them with glu
             self.partials = torch.empty(n, dtype=torch.float32, device=device)

@@ -16,7 +16,8 @@ per output element, as a fraction of mag = |x| @ |W|.T, which bounds every round
 - swiglu: gate and up as above; silu(g) * u is rounded once to x's dtype (bf16: 2^-8); down as above.
   assert_swiglu carries the first-order bound through silu, whose slope stays under 1.1.
 - Where a kernel rounds x to int8 (gq.takes_int8_x: Q4_K, a few tokens), each input may also be off
-  by its 32-block's amax / 254: that times |W| is allowed on top (seen: under 2.5e-3 of mag in all).
+  by its 32-block's amax times gq.int8_x_error (1/254 for bf16 x, 1/254^2 for f32 x, rounded twice):
+  that times |W| is allowed on top (seen: under 2.5e-3 of mag in all).
 Dequantizing to float32 is bit-exact (no fused multiply-add: gguf's roundings); to bf16 it is exact on
 a GPU and within one bf16 step (2^-7 relative) in the interpreter, which truncates.
 """
@@ -105,26 +106,26 @@ def int8_x(qtypes: tuple, x: torch.Tensor, device: str, T: int | None = None) ->
     return gq.takes_int8_x(qtypes, x.dtype, torch.device(device)) and (T is None or T < gq.DOT_FROM_T)
 
 
-def int8_error(x: torch.Tensor) -> torch.Tensor:
-    """Each input's worst rounding error to int8 per 32 (scale amax / 127): its block's amax / 254."""
+def int8_error(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Each input's worst rounding error to int8 per 32 as the kernels round dtype x: (..., K)."""
     amax = x.abs().view(*x.shape[:-1], -1, 32).amax(-1)  # (..., K / 32)
-    return (amax / 254).repeat_interleave(32, -1)  # (..., K)
+    return (amax * gq.int8_x_error(dtype)).repeat_interleave(32, -1)  # (..., K)
 
 
 def assert_product(y: torch.Tensor, x: torch.Tensor, ref: torch.Tensor, int8: bool = False) -> None:
     """y = x @ ref.T within TOL[x.dtype] of mag (see the module docstring), and with int8 x's rounding."""
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], ref.shape[0])
-    x, ref = x.cpu().double(), ref.double()
-    extra = int8_error(x) @ ref.abs().T if int8 else 0.0
+    dtype, x, ref = x.dtype, x.cpu().double(), ref.double()
+    extra = int8_error(x, dtype) @ ref.abs().T if int8 else 0.0
     assert_within(y, x @ ref.T, x.abs() @ ref.abs().T, tolerance(y), extra)  # (..., N)
 
 
 def assert_rows(y: torch.Tensor, x: torch.Tensor, refs: torch.Tensor, slots: list[int], int8=False) -> None:
     """Row a of y = x[a] @ refs[slots[a]].T, as assert_product: refs (S, N, K)."""
     assert y.dtype == x.dtype and y.shape == (x.shape[0], refs.shape[1])
-    x, w = x.cpu().double(), refs[slots].double()  # (A, K), (A, N, K)
+    dtype, x, w = x.dtype, x.cpu().double(), refs[slots].double()  # (A, K), (A, N, K)
     exact = torch.einsum("ak,ank->an", x, w)
-    extra = torch.einsum("ak,ank->an", int8_error(x), w.abs()) if int8 else 0.0
+    extra = torch.einsum("ak,ank->an", int8_error(x, dtype), w.abs()) if int8 else 0.0
     assert_within(y, exact, torch.einsum("ak,ank->an", x.abs(), w.abs()), tolerance(y), extra)  # (A, N)
 
 
@@ -134,7 +135,7 @@ def assert_swiglu(y: torch.Tensor, x: torch.Tensor, gate, up, down, slots: list[
     1.1 |u| |x| @ |G|.T + |silu g| |x| @ |U|.T + |h|; twice the bound covers the second-order terms.
     int8: whether gate-and-up and down round their inputs to int8, whose errors are carried alike."""
     assert y.dtype == x.dtype and y.shape == x.shape
-    x = x.cpu().double()
+    dtype, x = x.dtype, x.cpu().double()
     g, u, d = (w[slots].double() for w in (gate, up, down))  # (A, F, D), (A, F, D), (A, D, F)
     gx, ux = torch.einsum("ak,ank->an", x, g), torch.einsum("ak,ank->an", x, u)  # (A, F)
     mg, mu = (torch.einsum("ak,ank->an", x.abs(), w.abs()) for w in (g, u))
@@ -145,10 +146,10 @@ def assert_swiglu(y: torch.Tensor, x: torch.Tensor, gate, up, down, slots: list[
     mag = torch.einsum("af,adf->ad", dh + h.abs(), d.abs())
     extra = 0.0
     if int8[0]:
-        eg, eu = (torch.einsum("ak,ank->an", int8_error(x), w.abs()) for w in (g, u))  # (A, F)
+        eg, eu = (torch.einsum("ak,ank->an", int8_error(x, dtype), w.abs()) for w in (g, u))  # (A, F)
         extra = torch.einsum("af,adf->ad", 1.1 * ux.abs() * eg + silu.abs() * eu, d.abs())
     if int8[1]:  # h's own rounding, with room for its error above
-        extra = extra + torch.einsum("af,adf->ad", 1.1 * int8_error(h), d.abs())
+        extra = extra + torch.einsum("af,adf->ad", 1.1 * int8_error(h, dtype), d.abs())
     assert_within(y, exact, mag, 2 * tolerance(y), 2 * extra)
 
 
@@ -534,12 +535,22 @@ def test_kernels_compile_for_h100(qtype):
     for const in (
         *(
             dict(
-                args, BT=1, DOT=False, DOT_F32=False, INT8_X=i, KB=2, BN=32, T=1, n_steps=1, steps_per_part=1
+                args,
+                BT=1,
+                DOT=False,
+                DOT_F32=False,
+                INT8_X=i,
+                LEVELS=1,
+                KB=2,
+                BN=32,
+                T=1,
+                n_steps=1,
+                steps_per_part=1,
             )
             for i in int8
         ),
-        *(dict(args, BT=4, DOT=False, DOT_F32=False, INT8_X=i, KB=16, BN=4) for i in int8),
-        dict(args, BT=16, DOT=True, DOT_F32=False, INT8_X=False, KB=2, BN=32),
+        *(dict(args, BT=4, DOT=False, DOT_F32=False, INT8_X=i, LEVELS=2, KB=16, BN=4) for i in int8),
+        dict(args, BT=16, DOT=True, DOT_F32=False, INT8_X=False, LEVELS=1, KB=2, BN=32),
     ):
         words = {"w": "*i32"} if const["INT8_X"] else {}  # int8 x: the host passes Q4_K bytes as words
         compiled = compile_for_h100(
@@ -548,12 +559,15 @@ def test_kernels_compile_for_h100(qtype):
         assert ("mma" in compiled.asm["ptx"]) == const["DOT"]
         assert ("dp4a" in compiled.asm["ptx"]) == const["INT8_X"]
     compile_for_h100(gq._dequant_kernel, ptrs, dict(args, BN=16), enable_fp_fusion=False)
-    compile_for_h100(gq._quantize_x_kernel, ptrs, dict(BN=8), num_warps=4, enable_fp_fusion=True)
+    for levels in (1, 2):
+        compile_for_h100(
+            gq._quantize_x_kernel, ptrs, dict(LEVELS=levels, BN=8), num_warps=4, enable_fp_fusion=True
+        )
     a, b = gq._step_args(qtype, "_A"), gq._step_args(Q.Q4_K, "_B")
     ptrs = dict(ptrs, wa="*u8", wb="*u8", slots="*i32")
     for glu, final in ((False, True), (True, True), (True, False)):
         for i in int8:
-            const = dict(a, **b, GLU=glu, FINAL=final, INT8_X=i, KB=8, BN=8)
+            const = dict(a, **b, GLU=glu, FINAL=final, INT8_X=i, LEVELS=1 + i, KB=8, BN=8)
             out = {"out": "*bf16" if final else "*fp32"}
             if i:
                 out.update(wa="*i32", wb="*i32")
