@@ -87,7 +87,7 @@ _INTERP = _C(_INTERPRETED)  # the interpreter runs no inline PTX
 @_jit
 def _as_f32(q):
     """Ints |q| < 2^22 as float32, exactly: added into the mantissa of 1.5 * 2^23, which is then taken off.
-    Two full-rate ops instead of a conversion, which runs at an eighth of the FMA rate on sm_80/sm_90."""
+    Two full-rate ops instead of a conversion, which runs at a fraction of the FMA rate on sm_80/sm_90."""
     return (q + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
 
@@ -408,8 +408,8 @@ def _levels_dot(q, xq, at, m, rest, LEVELS: tl.constexpr):
     zero = tl.zeros(q.shape, dtype=tl.int32)
     dot = _as_f32(tl.sum(_dp4a(q, tl.load(xq + at, mask=m[:, :, None], other=0)[None], zero), axis=3))
     if LEVELS == 2:
-        rest = tl.sum(_dp4a(q, tl.load(xq + at + rest, mask=m[:, :, None], other=0)[None], zero), axis=3)
-        dot += _as_f32(rest) * (1.0 / 254.0)
+        low = tl.sum(_dp4a(q, tl.load(xq + at + rest, mask=m[:, :, None], other=0)[None], zero), axis=3)
+        dot += _as_f32(low) * (1.0 / 254.0)
     return dot
 
 
