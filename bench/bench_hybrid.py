@@ -82,7 +82,7 @@ def llama_bench(args, path: Path) -> dict:
             "-ngl",
             "99",
             "-p",
-            str(args.prefill),
+            args.prefill,
             "-n",
             str(args.decode),
         ]
@@ -93,7 +93,8 @@ def llama_bench(args, path: Path) -> dict:
         else:
             rows = json.loads(done.stdout)
             out[name] = {
-                ("prefill_tok_s" if r["n_prompt"] else "decode_tok_s"): round(r["avg_ts"], 2) for r in rows
+                (f"prefill_tok_s/{r['n_prompt']}" if r["n_prompt"] else "decode_tok_s"): round(r["avg_ts"], 2)
+                for r in rows
             }
         print(f"llama.cpp {name:14s} {out[name]}", flush=True)
     return out
@@ -177,13 +178,39 @@ def greedy_tokens(eng, prompt: list[int], n: int) -> tuple[list[int], float]:
 
 
 def prefill_seconds(eng, tokens: list[int]) -> float:
+    """A prompt's prefill in the engine's chunks (as `Engine.generate` feeds it)."""
+    from dsrun.engine import PREFILL_CHUNK
     from dsrun.models.base import Batch
 
+    cache = eng.model.new_cache()
     sync()
     t0 = time.perf_counter()
-    eng.model.forward(Batch.single(tokens, eng.model.new_cache()))
+    for i in range(0, len(tokens), PREFILL_CHUNK):
+        eng.model.forward(Batch.single(tokens[i : i + PREFILL_CHUNK], cache))
     sync()
     return time.perf_counter() - t0
+
+
+def prefill_run(eng, prompts: list[list[int]]) -> dict:
+    """tokens/s of each prompt's prefill, each after one untimed run of the same length (kernels compile
+    and tune on their first shapes, as llama-bench warms up), and where its cold assignments ran."""
+    out = {}
+    c = eng.offload.counters
+    for tokens in prompts:
+        prefill_seconds(eng, tokens)
+        eng.offload.wait_idle()
+        before = (c.cpu_assignments, c.streamed_assignments, c.device_assignments, c.cpu_expert_s)
+        seconds = prefill_seconds(eng, tokens)
+        after = (c.cpu_assignments, c.streamed_assignments, c.device_assignments, c.cpu_expert_s)
+        cpu, streamed, device, cpu_s = (b - a for a, b in zip(before, after))
+        out[len(tokens)] = {
+            "tok_s": round(len(tokens) / seconds, 1),
+            "assignments": {"gpu": device, "streamed": streamed, "cpu": cpu},
+            "cpu_expert_s": round(cpu_s, 4),
+            "seconds": round(seconds, 4),
+        }
+    out["stream_cost"] = eng.stats()["experts"]["stream_cost"]
+    return out
 
 
 def sync() -> None:
@@ -192,7 +219,7 @@ def sync() -> None:
 
 
 def run_config(
-    path: Path, config: str, routing: str, args, prompt: list[int], long_prompt: list[int]
+    path: Path, config: str, routing: str, args, prompt: list[int], long_prompts: list[list[int]]
 ) -> dict:
     eng = load(path, config, args)
     if routing == "uniform":
@@ -204,11 +231,12 @@ def run_config(
     if args.profile:  # more tokens, with the step's time split
         extra = prompt + warm + tokens
         profile = profiled_decode(eng, lambda: greedy_tokens(eng, extra, args.profile)[1], args.profile)
-    prefill_s = prefill_seconds(eng, long_prompt)
+    prefill = prefill_run(eng, long_prompts)
     stats = eng.stats()["experts"]
     result = {
         "decode_tok_s": round(args.decode / decode_s, 2),
-        "prefill_tok_s": round(len(long_prompt) / prefill_s, 1),
+        "prefill_tok_s": {n: r["tok_s"] for n, r in prefill.items() if n != "stream_cost"},
+        "prefill": prefill,
         "hit_rate": round(stats["hit_rate"] or 0.0, 3),
         "gpu_experts": sum(row.count("0") for row in stats["placement"]),
         "experts_total": stats["total"],
@@ -272,7 +300,7 @@ def main() -> None:
     p.add_argument("--cpu-backend", default=None)
     p.add_argument("--warmup", type=int, default=32)
     p.add_argument("--decode", type=int, default=48)
-    p.add_argument("--prefill", type=int, default=256)
+    p.add_argument("--prefill", default="256", help="prompt lengths for prefill, comma-separated")
     p.add_argument("--routings", default="skewed,uniform")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--parity", action="store_true", help="also compare GPU and CPU logits")
@@ -291,7 +319,7 @@ def main() -> None:
     args = p.parse_args()
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, 40000, 16).tolist()
-    long_prompt = rng.integers(100, 40000, args.prefill).tolist()
+    long_prompts = [rng.integers(100, 40000, int(n)).tolist() for n in args.prefill.split(",")]
     report = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "args": vars(args),
@@ -306,11 +334,11 @@ def main() -> None:
         for config in args.configs.split(","):
             for graphs in args.graphs.split(","):
                 os.environ["DSRUN_CUDA_GRAPHS"] = "1" if graphs == "on" else "0"
-                r = run_config(path, config, routing, args, prompt, long_prompt)
+                r = run_config(path, config, routing, args, prompt, long_prompts)
                 name = f"{routing}/{config}" + ("" if graphs == "on" else "/eager")
                 report["results"][name] = r
                 print(
-                    f"{name:24s} decode {r['decode_tok_s']:7.2f} tok/s  prefill {r['prefill_tok_s']:8.1f}"
+                    f"{name:24s} decode {r['decode_tok_s']:7.2f} tok/s  prefill {r['prefill_tok_s']}"
                     f" tok/s  hit {r['hit_rate']:.3f}  gpu experts {r['gpu_experts']}/{r['experts_total']}"
                     f"  promotions {r['promotions']}  ({r['backend']})  profile {r['profile_ms_per_token']}",
                     flush=True,

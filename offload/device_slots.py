@@ -12,13 +12,11 @@ Legend: S slots, F expert width, D model width, E experts per layer, T tokens, K
 from __future__ import annotations
 
 import contextlib
-import itertools
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
 from dsrun.models.gguf_matrix import FLOAT_TYPES
@@ -27,6 +25,7 @@ from dsrun.models.moe import swiglu, weighted_experts
 from . import gpu_quant
 
 GROUPED_MAX_ROWS = 64  # assignments up to which quantized slots run a layer as one grouped launch
+STAGE_BYTES = 256 << 20  # a staging pool's experts, of two: what a prefill streams in per chunk
 
 
 @dataclass(frozen=True)
@@ -84,13 +83,15 @@ class DeviceExpertSlots:
             ]  # (S, bytes) each
         self.slot_of: dict[tuple[int, int], int] = {}
         self.free = list(range(n_slots - 1, -1, -1))
-        self.resident = np.zeros((n_layers, n_experts), dtype=bool)  # (L, E) which experts have a slot
-        # the same on the device, each expert's slot or -1: a captured step looks its experts up there
+        self.host_table = np.full(
+            (n_layers, n_experts), -1, dtype=np.int32
+        )  # (L, E) each expert's slot or -1
+        # the same on the device: a captured step looks its experts up there
         self.table = torch.full((n_layers, n_experts), -1, dtype=torch.int32, device=self.device)  # (L, E)
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda else None  # copies overlap compute
         self.bytes_moved = 0
-        self.staging: list[Staged] = []  # two buffers that stream cold experts in for a prefill
+        self.staging: list[Staged] = []  # two pools that stream cold experts in for a prefill
 
     @property
     def n_slots(self) -> int:
@@ -134,22 +135,13 @@ class DeviceExpertSlots:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
         self.table[layer, expert] = slot  # in stream order: steps queued from now on see it
         self.slot_of[(layer, expert)] = slot
-        self.resident[layer, expert] = True
+        self.host_table[layer, expert] = slot
         self.bytes_moved += self.slot_bytes
 
     def drop(self, layer: int, expert: int) -> None:
         self.table[layer, expert] = -1
         self.free.append(self.slot_of.pop((layer, expert)))
-        self.resident[layer, expert] = False
-
-    def run_expert(self, parts: tuple[torch.Tensor, ...], rows: torch.Tensor) -> torch.Tensor:
-        """One expert (gate, up, down as a slot holds them) on its rows (n, D) -> (n, D)."""
-        if not self.quantized:
-            return swiglu(rows, *parts)
-        (F_, D), (qg, qu, qd), (gate, up, down) = self.layout.shapes[0], self.layout.qtypes, parts
-        h = F.silu(gpu_quant.quantized_matmul(rows, gate, qg, F_, D))  # (n, F)
-        h = h * gpu_quant.quantized_matmul(rows, up, qu, F_, D)
-        return gpu_quant.quantized_matmul(h, down, qd, D, F_)  # (n, D)
+        self.host_table[layer, expert] = -1
 
     def run(
         self,
@@ -162,20 +154,24 @@ class DeviceExpertSlots:
     ) -> torch.Tensor:
         """Weighted sum of the active assignments' experts: (T, D). Every expert holds a slot here, or,
         with `stream_from` (quantized slots: a prefill), those that do not are copied in as they come."""
-        if self.quantized and stream_from is None and expert_ids.numel() <= GROUPED_MAX_ROWS:
+        if not self.quantized:
+            xd = x.to(self.device, self.layout.dtype, non_blocking=True)
+            slot_of = self.slot_of
+            return weighted_experts(
+                xd,
+                expert_ids,
+                weights,
+                active,
+                lambda e, rows: swiglu(rows, *self.parts(slot_of[(layer, e)])),
+            )
+        if stream_from is None and expert_ids.numel() <= GROUPED_MAX_ROWS:
             # the active assignments are those whose expert holds a slot: the device's table says which
             x, ids, w = (t.to(self.device, non_blocking=True) for t in (x, expert_ids, weights))
             return self.run_resident(layer, x, ids, w)
-        xd = x.to(self.device, self.layout.dtype, non_blocking=True)
-        turn = itertools.count()  # alternates the two staging buffers
+        return self.run_sorted(layer, x, expert_ids, weights, active, stream_from)
 
-        def run_one(e: int, rows: torch.Tensor) -> torch.Tensor:
-            slot = self.slot_of.get((layer, e))
-            if slot is not None:
-                return self.run_expert(tuple(pool[slot] for pool in self.pools), rows)
-            return self.run_expert(self.stream_in(stream_from, e, next(turn) % 2), rows)
-
-        return weighted_experts(xd, expert_ids, weights, active, run_one)
+    def parts(self, slot: int) -> tuple[torch.Tensor, ...]:
+        return tuple(pool[slot] for pool in self.pools)
 
     def run_resident(
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
@@ -190,39 +186,87 @@ class DeviceExpertSlots:
         y = gpu_quant.grouped_swiglu(rows, *self.pools, slots, self.layout.qtypes, F_, D)  # (T*K, D), 0 at -1
         return (y.view(T, K, D).float() * weights.float()[..., None]).sum(1).to(x.dtype)  # (T, D)
 
-    def stream_in(self, source, expert: int, buffer: int) -> tuple[torch.Tensor, ...]:
-        """An expert's bytes through pinned staging buffer `buffer` (of two) to the device, on the side
-        stream; the next expert's host copy overlaps this one's transfer and compute."""
+    def run_sorted(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        active,
+        stream_from,
+    ) -> torch.Tensor:
+        """Weighted sum of the active assignments' experts (T, D), quantized slots: each expert's rows in
+        blocks for tensor cores (gpu_quant.sorted_swiglu), one launch for all slot-resident experts. With
+        `stream_from`, the others are copied in a staging pool's worth at a time, two pools alternating,
+        so one chunk's copy overlaps the last one's compute. expert_ids and active are host tensors."""
+        T, K = expert_ids.shape
+        sel = active.flatten().nonzero().flatten()  # (A,) active assignments, token a // K
+        experts = expert_ids.flatten()[sel]  # (A,)
+        slots = torch.from_numpy(self.host_table[layer])[experts]  # (A,) -1: no slot
+        xd = x.to(self.device, self.layout.dtype, non_blocking=True)  # (T, D)
+        w = weights.to(self.device, torch.float32, non_blocking=True).flatten()  # (T*K,)
+        out = torch.zeros(T, self.layout.n_embd, dtype=torch.float32, device=self.device)  # (T, D)
+        held = slots >= 0
+        self._add_experts(out, xd, w, sel[held], slots[held], self.pools, K)
+        if stream_from is not None and not held.all():
+            cold = experts[~held]
+            staging = self._staging()
+            for i, chunk in enumerate(torch.unique(cold).split(staging[0].n_slots)):
+                pools = staging[i % 2].load(stream_from, chunk.tolist(), self)
+                in_chunk = torch.isin(experts, chunk)  # (A,)
+                local = torch.searchsorted(chunk, experts[in_chunk])  # its staging slot
+                self._add_experts(out, xd, w, sel[in_chunk], local, pools, K)
+        return out.to(self.layout.dtype)
+
+    def _add_experts(self, out, xd, w, sel, slots, pools, K: int) -> None:
+        """out[token] += weight * expert(x[token]) for assignments sel (host, flat t * K + k) whose
+        experts are in `slots` of `pools`."""
+        if not sel.numel():
+            return
+        rows = sel // K  # (A,) tokens
+        y = gpu_quant.sorted_swiglu(xd, *pools, rows, slots, self.layout.qtypes, *self.layout.shapes[0])
+        sel_d = sel.to(self.device, non_blocking=True)
+        out.index_add_(0, sel_d // K, y.float() * w[sel_d, None])  # (A, D) weighted into (T, D)
+
+    def _staging(self) -> list[Staged]:
         if not self.staging:
-            self.staging = [Staged(self) for _ in range(2)]
-        return self.staging[buffer].load(source, expert, self)
+            n = max(1, STAGE_BYTES // self.slot_bytes)
+            self.staging = [Staged(self, n) for _ in range(2)]
+        return self.staging
 
 
 class Staged:
-    """One staging buffer: pinned host memory and a device copy, for an expert's three matrices."""
+    """A staging pool of n experts: pinned host rows and a device pool, for gate, up and down."""
 
-    def __init__(self, slots: DeviceExpertSlots):
+    def __init__(self, slots: DeviceExpertSlots, n: int):
         pin = slots.stream is not None
         sizes = [pool.shape[1] for pool in slots.pools]  # slot bytes of gate, up, down
-        self.host = [torch.empty(n, dtype=torch.uint8, pin_memory=pin) for n in sizes]
-        self.device = [torch.empty(n, dtype=torch.uint8, device=slots.device) for n in sizes]
+        self.host = [torch.empty(n, b, dtype=torch.uint8, pin_memory=pin) for b in sizes]  # (n, bytes)
+        self.device = [torch.empty(n, b, dtype=torch.uint8, device=slots.device) for b in sizes]
         self.copied = torch.cuda.Event() if pin else None  # host buffers free again
-        self.used = torch.cuda.Event() if pin else None  # marks the compute queued on the device buffers
+        self.used = torch.cuda.Event() if pin else None  # marks the compute queued on the device pools
 
-    def load(self, source, expert: int, slots: DeviceExpertSlots) -> tuple[torch.Tensor, ...]:
+    @property
+    def n_slots(self) -> int:
+        return self.host[0].shape[0]
+
+    def load(self, source, experts: list[int], slots: DeviceExpertSlots) -> tuple[torch.Tensor, ...]:
+        """Copy these experts (at most n_slots) into slots 0.. of the device pools; returns the pools."""
         if self.copied is not None:
             self.copied.synchronize()  # the last transfer from these host buffers is done
         for host, info in zip(self.host, source.infos.values()):
-            raw = read_only_bytes(info.data[expert])
-            host[: raw.numel()].copy_(raw)  # page cache -> pinned, on torch's threads
+            for i, e in enumerate(experts):
+                raw = read_only_bytes(info.data[e])
+                host[i, : raw.numel()].copy_(raw)  # page cache -> pinned, on torch's threads
+        n = len(experts)
         stream = slots.stream
         compute = torch.cuda.current_stream(slots.device) if stream is not None else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            if self.used is not None:  # the compute last queued on these device buffers is done first
+            if self.used is not None:  # the compute last queued on these device pools is done first
                 self.used.record(compute)
                 stream.wait_event(self.used)
             for dev, host in zip(self.device, self.host):
-                dev.copy_(host, non_blocking=True)
+                dev[:n].copy_(host[:n], non_blocking=True)
             if self.copied is not None:
                 self.copied.record(stream)
         if stream is not None:

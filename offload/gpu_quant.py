@@ -176,6 +176,20 @@ def _tile(
 
 
 @_jit
+def _tile_dot(
+    xt, q, scale, mn, S: tl.constexpr, W: tl.constexpr, HAS_MIN: tl.constexpr, DOT_F32: tl.constexpr
+):
+    """xt (R, S * W) @ the dequantized tile (BN rows of _tile's q, scale, mn).T: (R, BN) float32."""
+    v = q * scale[:, :, None]  # (BN, S, W)
+    if HAS_MIN:
+        v = v - mn[:, :, None]
+    v = tl.reshape(v.to(xt.dtype), (q.shape[0], S * W))  # (BN, S * W)
+    if DOT_F32:  # f32 inputs, or the interpreter (whose bf16 dot is wrong): exact f32 products
+        return tl.dot(xt.to(tl.float32), tl.trans(v.to(tl.float32)), input_precision="ieee")
+    return tl.dot(xt, tl.trans(v))
+
+
+@_jit
 def _dequant_kernel(
     w,
     out,
@@ -261,14 +275,7 @@ def _gemv_kernel(
                 xk = step * 256 + tl.arange(0, S * W)  # (S * W,)
                 xmask = (t[:, None] < T) & (xk < n_in)[None, :]
                 xt = tl.load(x + t[:, None] * n_in + xk[None, :], mask=xmask, other=0.0)  # (BT, S * W)
-                v = q * scale[:, :, None]
-                if HAS_MIN:
-                    v = v - mn[:, :, None]
-                v = tl.reshape(v.to(xt.dtype), (BN, S * W))  # (BN, S * W)
-                if DOT_F32:  # f32 inputs, or the interpreter (whose bf16 dot is wrong): exact f32 products
-                    acc += tl.dot(xt.to(tl.float32), tl.trans(v.to(tl.float32)), input_precision="ieee")
-                else:
-                    acc += tl.dot(xt, tl.trans(v))
+                acc += _tile_dot(xt, q, scale, mn, S, W, HAS_MIN, DOT_F32)
             else:  # a few tokens: sum q * x per sub-block, then scale once per sub-block (as llama.cpp)
                 for ti in tl.static_range(BT):
                     x_row = x + tl.minimum(ti, T - 1) * n_in  # padded tokens repeat the last; not stored
@@ -525,6 +532,67 @@ def _grouped_kernel(
 
 
 @_jit
+def _sorted_kernel(
+    x,
+    wa,
+    wb,
+    row_src,
+    block_slot,
+    out,
+    n_out,
+    n_in,
+    slot_bytes_a,
+    slot_bytes_b,
+    row_bytes_a,
+    row_bytes_b,
+    n_steps,
+    QTYPE_A: tl.constexpr,
+    S_A: tl.constexpr,
+    W_A: tl.constexpr,
+    SB_A: tl.constexpr,
+    MIN_A: tl.constexpr,
+    QTYPE_B: tl.constexpr,
+    S_B: tl.constexpr,
+    W_B: tl.constexpr,
+    SB_B: tl.constexpr,
+    MIN_B: tl.constexpr,
+    GLU: tl.constexpr,
+    GATHER: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """Rows sorted by slot in blocks of BM, each block one slot's: out[r] (N,) = x_r @ A_s.T for the rows r
+    of block b and s = block_slot[b] (with GLU silu(x_r @ A_s.T) * (x_r @ B_s.T)), where x_r is
+    x[row_src[r]] with GATHER, else x[r]. Rows with row_src[r] < 0 pad a block: they read zeros. One
+    program per block and BN outputs, each weight tile dequantized once for the block's BM rows."""
+    b = tl.program_id(0)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)  # (BN,)
+    cmask = cols < n_out
+    slot = tl.load(block_slot + b).to(tl.int64)  # a pool may pass 2 GiB: int64 slot offsets
+    r = b * BM + tl.arange(0, BM)  # (BM,)
+    src = tl.load(row_src + r)  # (BM,)
+    live = src >= 0
+    x_rows = (tl.maximum(src, 0) if GATHER else r) * n_in  # (BM,)
+    w_a = wa + slot * slot_bytes_a
+    w_b = wb + slot * slot_bytes_b
+    acc_a = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_b = tl.zeros((BM, BN), dtype=tl.float32)
+    for step in range(0, n_steps):
+        xk = step * 256 + tl.arange(0, 256)  # (256,): S * W of every type
+        xmask = live[:, None] & (xk < n_in)[None, :]
+        xt = tl.load(x + x_rows[:, None] + xk[None, :], mask=xmask, other=0.0)  # (BM, 256)
+        q, scale, mn = _tile(w_a, cols * row_bytes_a, cmask, step, n_in, QTYPE_A, S_A, W_A, SB_A)
+        acc_a += _tile_dot(xt, q, scale, mn, S_A, W_A, MIN_A, DOT_F32)
+        if GLU:
+            q, scale, mn = _tile(w_b, cols * row_bytes_b, cmask, step, n_in, QTYPE_B, S_B, W_B, SB_B)
+            acc_b += _tile_dot(xt, q, scale, mn, S_B, W_B, MIN_B, DOT_F32)
+    if GLU:
+        acc_a = acc_a * tl.sigmoid(acc_a) * acc_b
+    tl.store(out + r[:, None] * n_out + cols[None, :], acc_a.to(out.dtype.element_ty), mask=cmask[None, :])
+
+
+@_jit
 def _reduce_kernel(src, out, M, n_parts, b_offset, GLU: tl.constexpr, BN: tl.constexpr):
     """out (M,) = the sum of n_parts float32 partial sums src (P, M), in part order (deterministic, unlike
     atomics); with GLU, silu(that) * the same sum of the parts at src + b_offset. BN outputs per program."""
@@ -596,11 +664,20 @@ def _bad_bytes(w: torch.Tensor, qtype: GGMLQuantizationType, n_out: int, n_in: i
     )
 
 
-def _bad_pool(pool: torch.Tensor, qtype: GGMLQuantizationType, n_out: int, n_in: int, device) -> ValueError:
-    return ValueError(
-        f"expected a pool (slots, bytes) of {qtype.name} ({n_out}, {n_in}) matrices on {device}, as new_pool"
-        f" makes; got {pool.dtype} of shape {tuple(pool.shape)}, strides {pool.stride()} on {pool.device}"
-    )
+def _check_pool(pool: torch.Tensor, qtype: GGMLQuantizationType, n_out: int, n_in: int, device) -> None:
+    """A pool as new_pool makes them, of matrices this shape, on device; else a ValueError."""
+    if (
+        pool.dtype != torch.uint8
+        or pool.dim() != 2
+        or pool.stride(1) != 1
+        or pool.shape[1] < matrix_nbytes(qtype, n_out, n_in)
+        or pool.device != device
+    ):
+        raise ValueError(
+            f"expected a pool (slots, bytes) of {qtype.name} ({n_out}, {n_in}) matrices on {device}, as"
+            f" new_pool makes; got {pool.dtype} of shape {tuple(pool.shape)}, strides {pool.stride()} on"
+            f" {pool.device}"
+        )
 
 
 def _dequant_torch(w: torch.Tensor, qtype: GGMLQuantizationType, n_out: int, n_in: int) -> torch.Tensor:
@@ -693,6 +770,8 @@ _CONFIGS: tuple[_Config, ...] = ((16, 4, 3), (16, 8, 3), (32, 8, 3), (64, 8, 3))
 # The int8-x kernels read BN rows times KB = _INT8_TILE // BN steps at once (_int8_tile): 8 KiB of quants.
 _INT8_CONFIGS: tuple[_Config, ...] = ((4, 4, 3), (8, 4, 3), (16, 4, 3), (16, 8, 3), (32, 8, 3), (64, 8, 3))
 _INT8_TILE = 64
+# The sorted (prefill) kernel: BN outputs per program for BM rows; its tiles are (BM, 256) x (256, BN).
+_SORTED_CONFIGS: tuple[_Config, ...] = ((32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2))
 _DEFAULT_CONFIG: _Config = (_GEMV_BN, 8, 3)  # untuned: the interpreter, DSRUN_GPU_QUANT_AUTOTUNE=0
 _TUNED: dict[tuple, _Config] = {}  # tune key -> the fastest of _CONFIGS there
 
@@ -974,15 +1053,8 @@ class _GroupedPlan:
         return self.run(x, pools, slots)
 
     def check_pools(self, pools: tuple[torch.Tensor, ...]) -> None:
-        for pool, q, nbytes in zip(pools, self.qtypes, self.nbytes):
-            if (
-                pool.dtype != torch.uint8
-                or pool.dim() != 2
-                or pool.stride(1) != 1
-                or pool.shape[1] < nbytes
-                or pool.device != self.device
-            ):
-                raise _bad_pool(pool, q, self.n_out, self.n_in, self.device)
+        for pool, q in zip(pools, self.qtypes):
+            _check_pool(pool, q, self.n_out, self.n_in, self.device)
 
     def check(self, x: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x and slots, contiguous, once slots is known to fit."""
@@ -1107,6 +1179,102 @@ class _SwigluPlan:
         return self.down.run(h, (down,), slots)  # (A, D)
 
 
+def slot_blocks(
+    rows: torch.Tensor, slots: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Assignments (row of x, slot) sorted by slot into blocks of BM rows, each block one slot's:
+    (row_src (P,) the row of x each sorted row reads, -1 where it pads its block; block_slot (P / BM,);
+    position (A,) where assignment a went; BM). BM grows with the rows per slot (16 to 64), so a prefill
+    pads little and still reads each slot's weights once per 64 rows. Host tensors in, int32 out."""
+    A = slots.numel()
+    order = torch.argsort(slots, stable=True)  # (A,)
+    held, counts = torch.unique_consecutive(slots[order], return_counts=True)  # (U,)
+    per_slot = -(-A // max(1, len(held)))
+    bm = min(64, max(16, 1 << (per_slot - 1).bit_length()))  # a power of two
+    padded = (counts + bm - 1) // bm * bm  # (U,)
+    shift = torch.repeat_interleave(torch.cumsum(padded - counts, 0) - (padded - counts), counts)  # (A,)
+    position = torch.empty(A, dtype=torch.int32)
+    position[order] = (torch.arange(A) + shift).int()  # sorted rows, moved past the padding before them
+    row_src = torch.full((int(padded.sum()),), -1, dtype=torch.int32)  # (P,)
+    row_src[position.long()] = rows.int()
+    return row_src, torch.repeat_interleave(held, padded // bm).int(), position, bm
+
+
+class _SortedPlan:
+    """sorted_swiglu for one (qtypes, F, D, dtype, device, pool strides, BM): launches by block count."""
+
+    def __init__(self, qtypes, n_ff, n_embd, dtype, device, strides, bm):
+        self.qtypes, self.dtype, self.device, self.bm = qtypes, dtype, device, bm
+        self.n_ff, self.n_embd = n_ff, n_embd
+        shapes = ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))
+        self.nbytes = tuple(_check_type(q, *shape) for q, shape in zip(qtypes, shapes))
+        for q, shape, stride, nbytes in zip(qtypes, shapes, strides, self.nbytes):
+            if stride < nbytes:
+                raise ValueError(f"pool rows {stride} bytes apart cannot hold a {q.name} {shape} matrix")
+        halves = ((qtypes[0], qtypes[1], strides[0], strides[1], n_ff, n_embd, True),
+                  (qtypes[2], qtypes[2], strides[2], strides[2], n_embd, n_ff, False))  # fmt: skip
+        self.consts = [
+            dict(
+                n_out=n_out,
+                n_in=n_in,
+                slot_bytes_a=sa,
+                slot_bytes_b=sb,
+                row_bytes_a=matrix_nbytes(qa, 1, n_in),
+                row_bytes_b=matrix_nbytes(qb, 1, n_in),
+                n_steps=triton.cdiv(n_in, STEP),
+                **_step_args(qa, "_A"),
+                **_step_args(qb, "_B"),
+                GLU=glu,
+                GATHER=glu,  # gate and up read x's rows; down reads h's in their sorted order
+                DOT_F32=dtype == torch.float32 or _INTERPRETED,
+                BM=bm,
+            )
+            for qa, qb, sa, sb, n_out, n_in, glu in halves
+        ]
+        self.launches: dict[int, tuple[_Launch, _Launch]] = {}
+
+    def _launches(self, n_blocks: int) -> tuple[_Launch, _Launch]:
+        pair = self.launches.get(n_blocks)
+        if pair is None:
+            pair = self.launches[n_blocks] = tuple(
+                _Launch(
+                    _sorted_kernel,
+                    consts,
+                    lambda bn, n_out=consts["n_out"]: (n_blocks, triton.cdiv(n_out, bn)),
+                    fp_fusion=True,
+                    tune_key=(
+                        "sorted",
+                        self.qtypes,
+                        consts["n_out"],
+                        consts["n_in"],
+                        self.bm,
+                        self.dtype,
+                        self.device,
+                        consts["GLU"],
+                    ),  # fmt: skip
+                    configs=_SORTED_CONFIGS,
+                )
+                for consts in self.consts
+            )
+        return pair
+
+    def __call__(self, x, pools, row_src, block_slot, position) -> torch.Tensor:
+        shapes = ((self.n_ff, self.n_embd),) * 2 + ((self.n_embd, self.n_ff),)
+        for pool, q, shape in zip(pools, self.qtypes, shapes):
+            _check_pool(pool, q, *shape, self.device)
+        P = row_src.numel()
+        if max(x.shape[0], P) * max(self.n_ff, self.n_embd) >= 2**31:  # the kernel indexes in int32
+            raise ValueError(f"{P} rows are too many for one sorted launch")
+        index = torch.cat([row_src, block_slot, position]).to(self.device, non_blocking=True)
+        src, blocks, pos = index.split([P, block_slot.numel(), position.numel()])
+        gate_up, down = self._launches(block_slot.numel())
+        h = torch.empty(P, self.n_ff, dtype=self.dtype, device=self.device)  # (P, F) sorted
+        gate_up(x, pools[0], pools[1], src, blocks, h, aligned=not x.data_ptr() & 15)
+        y = torch.empty(P, self.n_embd, dtype=self.dtype, device=self.device)  # (P, D) sorted
+        down(h, pools[2], pools[2], src, blocks, y)
+        return y.index_select(0, pos)  # (A, D) in the assignments' order
+
+
 def _grouped(x, pools, slots, qtypes, n_out, n_in) -> torch.Tensor:
     strides = pools[0].stride(0), pools[-1].stride(0)
     key = ("grouped", qtypes, n_out, n_in, x.shape, x.dtype, x.device, slots.dtype, strides)
@@ -1160,6 +1328,48 @@ def grouped_swiglu(
         shape, dtype, device = x.shape, x.dtype, x.device
         plan = _PLANS[key] = _SwigluPlan(qtypes, n_ff, n_embd, shape, dtype, device, slots.dtype, strides)
     return plan(x, gate_pool, up_pool, down_pool, slots)
+
+
+def sorted_swiglu(
+    x: torch.Tensor,
+    gate_pool: torch.Tensor,
+    up_pool: torch.Tensor,
+    down_pool: torch.Tensor,
+    rows: torch.Tensor,
+    slots: torch.Tensor,
+    qtypes: tuple[GGMLQuantizationType, GGMLQuantizationType, GGMLQuantizationType],
+    n_ff: int,
+    n_embd: int,
+) -> torch.Tensor:
+    """down(silu(gate x[rows[a]]) * up x[rows[a]]) with slot slots[a]'s expert, for each assignment a:
+    (A, n_embd) in x's dtype. grouped_swiglu's product for many rows per slot (a prefill): the
+    assignments are sorted by slot on the host (slot_blocks) and each weight tile is dequantized once per
+    block of up to 64 rows, for tensor cores, where grouped_swiglu reads it once per row.
+
+    x (T, n_embd) on the pools' device; rows, slots (A,) host integer tensors, 0 <= rows < T and
+    0 <= slots < the pools' slot count (checked: the host has them); pools as grouped_swiglu's.
+    """
+    A = slots.numel()
+    if rows.shape != (A,) or slots.dim() != 1 or rows.device.type != "cpu" or slots.device.type != "cpu":
+        raise ValueError("rows and slots must be (A,) host tensors, one of each per assignment")
+    if A and not (0 <= int(rows.min()) and int(rows.max()) < x.shape[0]):
+        raise ValueError(f"rows must index x's {x.shape[0]} rows")
+    if A and not (0 <= int(slots.min()) and int(slots.max()) < gate_pool.shape[0]):
+        raise ValueError(f"slots must name one of the pools' {gate_pool.shape[0]} slots")
+    if x.dim() != 2 or x.shape[1] != n_embd or not x.dtype.is_floating_point:
+        raise ValueError(f"x must be float (T, {n_embd}); got {x.dtype} {tuple(x.shape)}")
+    if A == 0 or not triton_available(x.device):  # grouped_swiglu's fallback takes each slot's rows at once
+        return grouped_swiglu(
+            x[rows.to(x.device)], gate_pool, up_pool, down_pool, slots.to(x.device), qtypes, n_ff, n_embd
+        )
+    row_src, block_slot, position, bm = slot_blocks(rows, slots)
+    strides = gate_pool.stride(0), up_pool.stride(0), down_pool.stride(0)
+    key = ("sorted", qtypes, n_ff, n_embd, x.dtype, x.device, strides, bm)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _SortedPlan(qtypes, n_ff, n_embd, x.dtype, x.device, strides, bm)
+    x = x if x.is_contiguous() else x.contiguous()
+    return plan(x, (gate_pool, up_pool, down_pool), row_src, block_slot, position)
 
 
 # --- benchmark ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,6 +152,7 @@ class Offload:
         self.predicted: dict[int, set[int]] = {}
         self.routers: dict[int, object] = {}  # MoE layer -> its MoE FFN, for pre-gating the next layer
         self.graph = None  # the DecodeGraph whose step is running, if one is
+        self.worker: ThreadPoolExecutor | None = None  # runs the CPU part while a prefill streams
         self.background = background
         self.jobs: queue.Queue = queue.Queue(maxsize=1)
         self.mover = threading.Thread(target=self._move_loop, daemon=True) if background else None
@@ -170,27 +172,63 @@ class Offload:
         with self.lock:
             resident = self.resident(layer)
             on_device = torch.from_numpy(resident)[ids]  # (T, K)
-            cold = ~on_device
-            work = self._cold_work(home, ids, cold)
-            streamed = slots is not None and slots.quantized and self.cost.should_stream(len(ids), *work[1:])
-            if streamed:  # a heavy batch: all of it on the GPU, cold experts copied in as they come
-                out = self._run_streamed(slots, home, x, ids, weights, work[1])
-            else:  # launched before the CPU part so the device computes while the CPU does
-                device_out = slots.run(layer, x, ids, weights, on_device) if on_device.any() else None
+            streamed = self._to_stream(slots, home, ids, ~on_device)  # (T, K) cold ones computed on the GPU
+            cold = ~(on_device | streamed)
+            # the CPU part overlaps the GPU's; a streaming GPU part keeps this thread busy, so the CPU part
+            # then runs on a worker
+            cpu_part = (
+                self._cpu_worker().submit(self.run_cold, layer, x_cpu, ids, w, cold)
+                if streamed.any()
+                else None
+            )
+            device_out = None
+            if on_device.any() or streamed.any():
+                t0 = time.perf_counter()
+                source = home.source if streamed.any() else None
+                device_out = slots.run(layer, x, ids, weights, on_device | streamed, stream_from=source)
+                if source is not None:
+                    self._observe_stream(slots, home, ids[streamed], t0)
         self.count(layer, ids, resident, on_device, streamed)
-        if not streamed:
-            # summed where the layer runs: no copy back of the GPU part
-            out = self.run_cold(layer, x_cpu, ids, w, cold, work).to(x.device, non_blocking=True)
-            if device_out is not None:
-                out = out + device_out.to(x.device, out.dtype)
+        # summed where the layer runs: no copy back of the GPU part
+        out = cpu_part.result() if cpu_part is not None else self.run_cold(layer, x_cpu, ids, w, cold)
+        out = out.to(x.device, non_blocking=True)
+        if device_out is not None:
+            out = out + device_out.to(x.device, out.dtype)
         self.finish_layer(layer, x)
         return out.to(x.device, x.dtype)
+
+    def _to_stream(self, slots, home: HomeExperts, ids: torch.Tensor, cold: torch.Tensor) -> torch.Tensor:
+        """The cold assignments (T, K) of a heavy batch whose experts are streamed to the GPU: the busiest
+        cold experts, as many as the cost model's split gives (none for a few tokens)."""
+        none = torch.zeros_like(cold)
+        if slots is None or not slots.quantized or not cold.any():
+            return none
+        experts, rows = torch.unique(ids[cold], return_counts=True)  # (U,)
+        order = torch.argsort(rows, descending=True, stable=True)
+        n_ff, n_embd = home.source.n_ff, home.source.n_embd
+        n = self.cost.stream_count(
+            len(ids), rows[order].tolist(), home.source.expert_bytes(), 6 * n_ff * n_embd
+        )
+        return cold & torch.isin(ids, experts[order[:n]]) if n else none
+
+    def _observe_stream(self, slots, home: HomeExperts, streamed_ids: torch.Tensor, t0: float) -> None:
+        """The stream's rate: its experts' bytes over the GPU part's time (the slot-resident experts'
+        compute included), to the end of its last chunk."""
+        if slots.device.type == "cuda":
+            torch.cuda.synchronize(slots.device)  # one wait per streaming layer
+        n_bytes = len(torch.unique(streamed_ids)) * home.source.expert_bytes()
+        self.cost.observe_stream(n_bytes, time.perf_counter() - t0)
+
+    def _cpu_worker(self) -> ThreadPoolExecutor:
+        if self.worker is None:
+            self.worker = ThreadPoolExecutor(1, thread_name_prefix="dsrun-cold-experts")
+        return self.worker
 
     def resident(self, layer: int) -> np.ndarray:
         """Which of the layer's experts hold a GPU slot now, a copy (E,); call under the lock."""
         slots = self.slots.get(layer)
         return (
-            slots.resident[layer].copy()
+            slots.host_table[layer] >= 0
             if slots is not None
             else np.zeros(self.homes[layer].source.n_expert, bool)
         )
@@ -221,27 +259,17 @@ class Offload:
         flops = 2 * 3 * home.source.n_ff * home.source.n_embd * int(cold.sum())
         return n_experts, n_experts * home.source.expert_bytes(), flops
 
-    def _run_streamed(self, slots, home, x, ids, weights, cold_bytes: int) -> torch.Tensor:
-        t0 = time.perf_counter()
-        everything = torch.ones_like(ids, dtype=torch.bool)
-        out = slots.run(home.source.layer, x, ids, weights, everything, stream_from=home.source)
-        if slots.device.type == "cuda":
-            torch.cuda.synchronize(slots.device)  # one wait per prefill layer, to time the stream
-        self.cost.observe_stream(cold_bytes, time.perf_counter() - t0)
-        return out
-
     def count(
-        self, layer: int, expert_ids: torch.Tensor, resident: np.ndarray, on_device, streamed: bool = False
+        self, layer: int, expert_ids: torch.Tensor, resident: np.ndarray, on_device, streamed=None
     ) -> None:
-        """Counts of where this layer's assignments ran; cold ones of a streamed batch ran on the GPU."""
+        """Counts of where this layer's assignments ran: slot-resident, streamed to the GPU (a mask like
+        on_device), or on the CPU."""
         ids = expert_ids.cpu().numpy()
         self.policy.observe(layer, ids, resident)
-        n_dev = int(on_device.sum())
+        n_dev, n_streamed = int(on_device.sum()), 0 if streamed is None else int(streamed.sum())
         self.counters.device_assignments += n_dev
-        if streamed:
-            self.counters.streamed_assignments += ids.size - n_dev
-        else:
-            self.counters.cpu_assignments += ids.size - n_dev
+        self.counters.streamed_assignments += n_streamed
+        self.counters.cpu_assignments += ids.size - n_dev - n_streamed
         guess = self.predicted.pop(layer, None)
         if guess is not None:
             actual = set(ids.ravel().tolist())
@@ -295,6 +323,8 @@ class Offload:
             self.jobs.put(None)
             self.mover.join()
         self.background = False
+        if self.worker is not None:
+            self.worker.shutdown()
         for home in self.homes.values():
             home.source.close()
 
@@ -342,7 +372,7 @@ class Offload:
                 home, pool = self.homes[layer], self.slots.get(layer)
                 row = []
                 for e in range(home.source.n_expert):
-                    if pool is not None and pool.resident[layer, e]:
+                    if pool is not None and pool.host_table[layer, e] >= 0:
                         key, char = pool.name, pool.name.rpartition(":")[2]
                     else:
                         key, char = ("cpu", "r") if home.in_ram(e) else ("disk", "n")

@@ -1,4 +1,5 @@
-"""Where a large batch computes its cold experts: on the CPU, or streamed to the GPU and computed there.
+"""Where a large batch computes its cold experts: on the CPU, or streamed to the GPU and computed there,
+split between the two so that both finish soonest.
 
 A decode step gives each cold expert a row or two: the CPU reads the expert once at memory speed and the
 GPU could do no better, having to read it over PCIe first. A prefill chunk gives an expert hundreds of
@@ -30,9 +31,20 @@ class StreamCost:
     def stream_seconds(self, n_bytes: float) -> float:
         return n_bytes / self.stream_bytes_per_s
 
-    def should_stream(self, tokens: int, n_bytes: float, flops: float) -> bool:
-        """Stream the cold experts of this layer (n_bytes of weights, flops of work) to the GPU?"""
-        return tokens >= self.min_rows and self.stream_seconds(n_bytes) < self.cpu_seconds(n_bytes, flops)
+    def stream_count(self, tokens: int, rows: list[int], expert_bytes: float, row_flops: float) -> int:
+        """How many of a layer's cold experts to stream to the GPU, taken busiest first (`rows`: each cold
+        expert's rows, descending), while the CPU computes the others at the same time: the count that
+        ends both sides soonest. None below min_rows tokens."""
+        if tokens < self.min_rows:
+            return 0
+        left = sum(rows)
+        best, best_s = 0, self.cpu_seconds(len(rows) * expert_bytes, left * row_flops)
+        for k, r in enumerate(rows, 1):
+            left -= r
+            cpu = self.cpu_seconds((len(rows) - k) * expert_bytes, left * row_flops)
+            if max(self.stream_seconds(k * expert_bytes), cpu) < best_s:
+                best, best_s = k, max(self.stream_seconds(k * expert_bytes), cpu)
+        return best
 
     def observe_cpu(self, rows_per_expert: float, n_bytes: float, flops: float, seconds: float) -> None:
         if seconds <= 0 or n_bytes <= 0:

@@ -347,6 +347,63 @@ def test_grouped_split_k(device, monkeypatch):
     assert_swiglu(y, x, *refs, slots, (int8, int8))
 
 
+def assignments(A: int, T: int, n_slots: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefill's assignments (row of x, slot): rows in [0, T), slots skewed towards slot 0 and the last
+    slot left out, so blocks come out full, ragged and absent."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, T, (A,), generator=g)
+    slots = (torch.rand(A, generator=g) ** 3 * (n_slots - 1)).long()  # (A,) in [0, n_slots - 1)
+    return rows, slots
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+@pytest.mark.parametrize(
+    "qtypes, A, dtype",
+    [
+        ((Q.Q4_K,) * 3, 40, torch.bfloat16),
+        ((Q.Q4_K, Q.Q6_K, Q.Q8_0), 200, torch.bfloat16),
+        ((Q.Q4_K, Q.Q6_K, Q.Q8_0), 24, torch.float32),
+    ],
+    ids=lambda v: "-".join(t.name for t in v) if isinstance(v, tuple) else str(v),
+)
+def test_sorted_swiglu_matches_f32(device, qtypes, A, dtype):
+    """Many assignments per slot (a prefill), sorted into padded blocks and scattered back in order."""
+    n_ff, n_embd = 256, 512
+    shapes = ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))
+    pools, refs = zip(
+        *(slot_pool(q, *s, 5, device, seed=10 * i) for i, (q, s) in enumerate(zip(qtypes, shapes)))
+    )
+    rows, slots = assignments(A, A // 3, 5, seed=A)
+    x = tokens(A // 3, n_embd, dtype, seed=A)
+    y = gq.sorted_swiglu(x.to(device), *pools, rows, slots, qtypes, n_ff, n_embd)
+    assert_swiglu(y, x[rows], *refs, slots.tolist())
+
+
+def test_slot_blocks():
+    """Each block holds one slot's rows then padding (-1); every assignment lands on a row reading its
+    own row of x, in a block of its own slot; the block grows with the rows per slot."""
+    rows, slots = assignments(300, 100, 5, seed=1)
+    row_src, block_slot, position, bm = gq.slot_blocks(rows, slots)
+    assert bm == 64 and row_src.numel() == bm * block_slot.numel()
+    assert (row_src[position.long()] == rows).all()
+    assert (block_slot[position.long() // bm] == slots).all()
+    assert int((row_src >= 0).sum()) == 300
+    blocks = row_src.view(-1, bm)  # (B, BM): live rows first in each block
+    assert ((blocks >= 0).int().diff(dim=1) <= 0).all()
+    assert gq.slot_blocks(torch.arange(4), torch.arange(4))[3] == 16  # one row per slot: the least
+
+
+def test_sorted_swiglu_bad_arguments():
+    pools = [gq.new_pool(2, Q.Q4_K, *s, "cpu") for s in ((256, 256), (256, 256), (256, 256))]
+    x = torch.zeros(3, 256)
+    with pytest.raises(ValueError, match="one of the pools' 2 slots"):
+        gq.sorted_swiglu(x, *pools, torch.tensor([0]), torch.tensor([2]), (Q.Q4_K,) * 3, 256, 256)
+    with pytest.raises(ValueError, match="x's 3 rows"):
+        gq.sorted_swiglu(x, *pools, torch.tensor([3]), torch.tensor([0]), (Q.Q4_K,) * 3, 256, 256)
+    with pytest.raises(ValueError, match="host tensors"):
+        gq.sorted_swiglu(x, *pools, torch.tensor([0, 1]), torch.tensor([0]), (Q.Q4_K,) * 3, 256, 256)
+
+
 def test_unaligned_tensors(device):
     """Tensors off a 16-byte boundary between aligned calls of the same shape: those go through Triton,
     which compiles for them, not to the kernel compiled for aligned ones."""
@@ -575,6 +632,11 @@ def test_kernels_compile_for_h100(qtype):
                 gq._grouped_kernel, dict(ptrs, **out), const, num_warps=8, enable_fp_fusion=True
             )
             assert ("dp4a" in compiled.asm["ptx"]) == i
+    ptrs = dict(ptrs, row_src="*i32", block_slot="*i32")
+    for glu in (False, True):
+        const = dict(a, **b, GLU=glu, GATHER=glu, DOT_F32=False, BM=16, BN=64)
+        compiled = compile_for_h100(gq._sorted_kernel, ptrs, const, num_warps=4, enable_fp_fusion=True)
+        assert "mma" in compiled.asm["ptx"]
     for glu in (False, True):
         const = dict(GLU=glu, BN=1024)
         compile_for_h100(

@@ -190,3 +190,30 @@ def test_quantized_slots_keep_the_files_bytes_and_the_answer(q8_moe):
     assert eng.stats()["experts"]["streamed_assignments"] == eng.offload.counters.streamed_assignments
     eng.close()
     assert rel_diff(streamed, reference) <= 1e-4
+
+
+def test_prefill_splits_cold_experts_between_stream_and_cpu(q8_moe, monkeypatch):
+    """With the stream and the CPU equally fast, a heavy batch streams the busiest half of the cold
+    experts, two staging pools of two experts taking turns, while the CPU computes the rest on its worker:
+    the all-CPU answer still."""
+    from dsrun.offload import device_slots
+    from dsrun.offload.prefill import StreamCost
+
+    path, tokens = q8_moe, list(range(300, 340))
+    reference, _ = logits_with(path, tokens, gpus=[])
+    options = FAKE_GPU | {"background": False, "quantized_slots": True}
+    eng = dsrun.load(path, ctx=256, gpus=[0], gpu_mem="64MiB", ram="1MiB", offload_options=options)
+    pool = next(iter(eng.offload.slots.values()))
+    monkeypatch.setattr(device_slots, "STAGE_BYTES", 2 * pool.slot_bytes)
+    eng.offload.cost = StreamCost(
+        cpu_bytes_per_s=1e9, cpu_flops_per_s=1e30, stream_bytes_per_s=1e9, min_rows=8
+    )
+    for key in list(pool.slot_of)[4:]:
+        pool.drop(*key)
+    eng.offload.policy.max_moves = 0
+    split = eng.logits(tokens)
+    c = eng.offload.counters
+    assert c.streamed_assignments > 0 and c.cpu_assignments > 0 and c.device_assignments > 0
+    assert pool.staging[0].n_slots == 2
+    eng.close()
+    assert rel_diff(split, reference) <= 1e-4

@@ -1,4 +1,4 @@
-"""The prefill cost model: stream cold experts to the GPU only when the CPU would take longer."""
+"""The prefill cost model: which cold experts to stream to the GPU while the CPU computes the rest."""
 
 from dsrun.offload.prefill import StreamCost
 
@@ -6,14 +6,28 @@ EXPERT = 25_000_000  # bytes of a DeepSeek-V3 Q4_K expert
 FLOPS_PER_ROW = 2 * 3 * 7168 * 2048
 
 
-def test_decode_stays_on_the_cpu_and_prefill_streams():
+def test_decode_stays_on_the_cpu_and_prefill_splits():
     cost = StreamCost(cpu_bytes_per_s=40e9, cpu_flops_per_s=0.4e12, stream_bytes_per_s=25e9)
-    # decode: 8 experts, a row each, read-bound on the CPU at 40 GB/s beats 25 GB/s over PCIe
-    assert not cost.should_stream(1, 8 * EXPERT, 8 * FLOPS_PER_ROW)
-    # prefill: 256 experts, 8 rows each: at 0.4 TFLOP/s the CPU is compute-bound, 0.45 s against 0.26 s
-    assert cost.should_stream(256, 256 * EXPERT, 2048 * FLOPS_PER_ROW)
-    # a few tokens never stream, whatever the numbers say
-    assert not StreamCost(stream_bytes_per_s=1e30).should_stream(4, 1e9, 1e15)
+    # decode: a few tokens never stream, whatever the numbers say
+    assert cost.stream_count(1, [1] * 8, EXPERT, FLOPS_PER_ROW) == 0
+    assert StreamCost(stream_bytes_per_s=1e30).stream_count(4, [4] * 8, EXPERT, FLOPS_PER_ROW) == 0
+    # prefill: 256 cold experts, 8 rows each. All on the CPU is compute-bound (0.45 s), all streamed
+    # 0.26 s; split, both sides end together near 0.16 s
+    k = cost.stream_count(256, [8] * 256, EXPERT, FLOPS_PER_ROW)
+    stream_s = cost.stream_seconds(k * EXPERT)
+    cpu_s = cost.cpu_seconds((256 - k) * EXPERT, (256 - k) * 8 * FLOPS_PER_ROW)
+    assert 0 < k < 256 and abs(stream_s - cpu_s) < cost.stream_seconds(EXPERT) + cost.cpu_seconds(
+        EXPERT, 8 * FLOPS_PER_ROW
+    )
+    assert max(stream_s, cpu_s) < 0.17
+
+
+def test_the_busiest_cold_experts_stream():
+    """Experts with many rows are worth their copy; those with a row or two are read as fast by the CPU."""
+    cost = StreamCost(cpu_bytes_per_s=40e9, cpu_flops_per_s=0.4e12, stream_bytes_per_s=25e9)
+    assert cost.stream_count(512, [300, 150, 1, 1, 1], EXPERT, FLOPS_PER_ROW) == 2
+    # with a stream this slow, nothing is worth streaming
+    assert StreamCost(stream_bytes_per_s=1e6).stream_count(512, [300, 1], EXPERT, FLOPS_PER_ROW) == 0
 
 
 def test_rates_are_learned_from_what_runs():
