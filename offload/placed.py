@@ -16,7 +16,7 @@ import os
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,11 +176,7 @@ class Offload:
             cold = ~(on_device | streamed)
             # the CPU part overlaps the GPU's; a streaming GPU part keeps this thread busy, so the CPU part
             # then runs on a worker
-            cpu_part = (
-                self._cpu_worker().submit(self.run_cold, layer, x_cpu, ids, w, cold)
-                if streamed.any()
-                else None
-            )
+            cpu_part = self._on_worker(self.run_cold, layer, x_cpu, ids, w, cold) if streamed.any() else None
             device_out = None
             if on_device.any() or streamed.any():
                 t0 = time.perf_counter()
@@ -219,10 +215,17 @@ class Offload:
         n_bytes = len(torch.unique(streamed_ids)) * home.source.expert_bytes()
         self.cost.observe_stream(n_bytes, time.perf_counter() - t0)
 
-    def _cpu_worker(self) -> ThreadPoolExecutor:
+    def _on_worker(self, fn, *args) -> Future:
+        """fn(*args) on the worker thread, in this thread's inference and grad modes (they are per thread)."""
         if self.worker is None:
             self.worker = ThreadPoolExecutor(1, thread_name_prefix="dsrun-cold-experts")
-        return self.worker
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+        def call():
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return fn(*args)
+
+        return self.worker.submit(call)
 
     def resident(self, layer: int) -> np.ndarray:
         """Which of the layer's experts hold a GPU slot now, a copy (E,); call under the lock."""
