@@ -115,3 +115,28 @@ def test_cuda_graph_decode_equals_eager_and_the_f32_path(quantized_model, reside
     for ours, ref in ((runs["1"], runs["0"]), (runs["1"], reference)):
         report = compare(ours, ref, tau)
         assert report.ok, str(report)
+
+
+def test_gpu_prefill_equals_the_f32_path(quantized_model, monkeypatch):
+    """A long prompt's prefill: each MoE layer's resident experts in one sorted launch per half
+    (gpu_quant.sorted_swiglu), part of the cold ones streamed in (the cost model told so) while the CPU
+    computes the others; CONTRACT.md parity with dsrun's F32 CPU path, the type's tau."""
+    from parity import compare
+
+    from dsrun.offload.prefill import StreamCost
+
+    path, tau = quantized_model
+    prompt = (PROMPT * 8)[:100]
+    monkeypatch.setenv("DSRUN_DENSE", "torch")
+    reference = dsrun.load(path, ctx=256, gpus=[]).logits(prompt)
+    monkeypatch.delenv("DSRUN_DENSE")
+    eng = dsrun.load(path, ctx=256, gpus=[0], gpu_mem="4GiB", offload_options={"background": False})
+    half_resident(eng)
+    eng.offload.cost = StreamCost(
+        cpu_bytes_per_s=1e9, cpu_flops_per_s=1e30, stream_bytes_per_s=1e9, min_rows=8
+    )
+    ours = eng.logits(prompt)
+    c = eng.offload.counters
+    assert c.device_assignments > 0 and c.streamed_assignments > 0 and c.cpu_assignments > 0
+    report = compare(ours, reference, tau)
+    assert report.ok, str(report)
