@@ -12,6 +12,7 @@ Legend: S slots, F expert width, D model width, E experts per layer, T tokens, K
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -92,6 +93,7 @@ class DeviceExpertSlots:
         self.stream = torch.cuda.Stream(self.device) if cuda else None  # copies overlap compute
         self.bytes_moved = 0
         self.staging: list[Staged] = []  # two pools that stream cold experts in for a prefill
+        self.stream_seconds = 0.0  # how long the last streaming call's copies took
 
     @property
     def n_slots(self) -> int:
@@ -209,13 +211,15 @@ class DeviceExpertSlots:
         held = slots >= 0
         self._add_experts(out, xd, w, sel[held], slots[held], self.pools, K)
         if stream_from is not None and not held.all():
-            cold = experts[~held]
+            t0 = time.perf_counter()
             staging = self._staging()
-            for i, chunk in enumerate(torch.unique(cold).split(staging[0].n_slots)):
+            for i, chunk in enumerate(torch.unique(experts[~held]).split(staging[0].n_slots)):
                 pools = staging[i % 2].load(stream_from, chunk.tolist(), self)
                 in_chunk = torch.isin(experts, chunk)  # (A,)
                 local = torch.searchsorted(chunk, experts[in_chunk])  # its staging slot
                 self._add_experts(out, xd, w, sel[in_chunk], local, pools, K)
+            staging[i % 2].wait_copied()
+            self.stream_seconds = time.perf_counter() - t0  # the copies' time, for the cost model
         return out.to(self.layout.dtype)
 
     def _add_experts(self, out, xd, w, sel, slots, pools, K: int) -> None:
@@ -250,10 +254,14 @@ class Staged:
     def n_slots(self) -> int:
         return self.host[0].shape[0]
 
+    def wait_copied(self) -> None:
+        """Until the last transfer from the host buffers is done: they may be written again."""
+        if self.copied is not None:
+            self.copied.synchronize()
+
     def load(self, source, experts: list[int], slots: DeviceExpertSlots) -> tuple[torch.Tensor, ...]:
         """Copy these experts (at most n_slots) into slots 0.. of the device pools; returns the pools."""
-        if self.copied is not None:
-            self.copied.synchronize()  # the last transfer from these host buffers is done
+        self.wait_copied()
         for host, info in zip(self.host, source.infos.values()):
             for i, e in enumerate(experts):
                 raw = read_only_bytes(info.data[e])

@@ -755,6 +755,13 @@ def _int8_tile(bn: int) -> dict:
     return dict(KB=max(1, _INT8_TILE // bn))
 
 
+def dequant_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What more than FUSED_MAX_T tokens multiply in: W dequantized to 16 bits and x rounded to them,
+    for tensor cores (float32 x too: prefill is bound by compute; llama.cpp's CUDA prefill rounds its
+    activations to f16 for cuBLAS alike). Accumulation stays float32."""
+    return torch.float16 if dtype == torch.float16 else torch.bfloat16
+
+
 def _word_aligned(*tensors: torch.Tensor) -> bool:
     """Whether these uint8 tensors (whose last dimension is whole words) view as int32: the int8-x
     kernels read Q4_K blocks as words."""
@@ -889,7 +896,7 @@ class _MatmulPlan:
             self.path = "torch"
         elif T > FUSED_MAX_T:
             self.path = "dequant"
-            self.dequant = _dequant_plan(qtype, n_out, n_in, dtype, device)
+            self.dequant = _dequant_plan(qtype, n_out, n_in, dequant_dtype(dtype), device)
         else:
             self.path = "fused"
             n_steps = triton.cdiv(n_in, STEP)
@@ -953,10 +960,10 @@ class _MatmulPlan:
         x2 = x.view(-1, self.n_in)  # (T, K)
         if self.path == "dequant":
             n = self.n_out * self.n_in
-            wd = _scratch(self.device, self.dtype, n) if scratch is None else scratch[:n]
+            wd = _scratch(self.device, dequant_dtype(self.dtype), n) if scratch is None else scratch[:n]
             wd = wd.view(self.n_out, self.n_in)  # (N, K)
             self.dequant(w, wd, aligned=not (w.data_ptr() | wd.data_ptr()) & 15)
-            return (x2 @ wd.T).view(self.out_shape)
+            return (x2.to(wd.dtype) @ wd.T).to(self.dtype).view(self.out_shape)
         if self.path == "empty":
             return x.new_empty(self.out_shape)
         wf = _dequant_torch(w, self.qtype, self.n_out, self.n_in)  # (N, K)
@@ -1151,8 +1158,9 @@ def quantized_matmul(
     """x @ W.T for the (n_out, n_in) matrix W held in GGUF bytes w (a pool row will do): (..., K) ->
     (..., N) in x's dtype (bf16, f16 or f32), accumulated in float32.
 
-    Above FUSED_MAX_T tokens W is dequantized into `scratch` (1-D, x's dtype, at least N * K elements)
-    or, by default, into a buffer shared by all calls on x's device; and where split-K pays (few tokens
+    Above FUSED_MAX_T tokens W is dequantized into `scratch` (1-D, of dequant_dtype(x.dtype), at least
+    N * K elements) or, by default, into a buffer shared by all calls on x's device, and multiplied in
+    that dtype; and where split-K pays (few tokens
     on a GPU), partial sums go to a buffer of the call's shape: so calls on one device keep to one stream.
     """
     key = ("matmul", qtype, n_out, n_in, x.shape, x.dtype, x.device)

@@ -167,29 +167,36 @@ class Offload:
         """The layer's routed-expert output (T, D) for the router's assignments, split by tier."""
         if self.graph is not None:  # a DecodeGraph's step: it splits the step here and calls back
             return self.graph.split(layer, x, expert_ids, weights)
-        ids, w, x_cpu = expert_ids.cpu(), weights.cpu(), x.cpu()  # the one device-to-host sync of the layer
+        ids, w = expert_ids.cpu(), weights.cpu()  # the one device-to-host sync of the layer
         slots, home = self.slots.get(layer), self.homes[layer]
         with self.lock:
             resident = self.resident(layer)
             on_device = torch.from_numpy(resident)[ids]  # (T, K)
             streamed = self._to_stream(slots, home, ids, ~on_device)  # (T, K) cold ones computed on the GPU
             cold = ~(on_device | streamed)
+            x_cpu = x.cpu() if cold.any() else None  # (a prefill whose experts are all on the GPU: none)
             # the CPU part overlaps the GPU's; a streaming GPU part keeps this thread busy, so the CPU part
             # then runs on a worker
-            cpu_part = self._on_worker(self.run_cold, layer, x_cpu, ids, w, cold) if streamed.any() else None
+            cpu_part = (
+                self._on_worker(self.run_cold, layer, x_cpu, ids, w, cold)
+                if streamed.any() and x_cpu is not None
+                else None
+            )
             device_out = None
             if on_device.any() or streamed.any():
-                t0 = time.perf_counter()
                 source = home.source if streamed.any() else None
                 device_out = slots.run(layer, x, ids, weights, on_device | streamed, stream_from=source)
-                if source is not None:
-                    self._observe_stream(slots, home, ids[streamed], t0)
+                if source is not None:  # the stream's rate: its experts' bytes over the copies' time
+                    n_bytes = len(torch.unique(ids[streamed])) * home.source.expert_bytes()
+                    self.cost.observe_stream(n_bytes, slots.stream_seconds)
         self.count(layer, ids, resident, on_device, streamed)
-        # summed where the layer runs: no copy back of the GPU part
-        out = cpu_part.result() if cpu_part is not None else self.run_cold(layer, x_cpu, ids, w, cold)
-        out = out.to(x.device, non_blocking=True)
-        if device_out is not None:
-            out = out + device_out.to(x.device, out.dtype)
+        if x_cpu is None:
+            out = device_out
+        else:  # summed where the layer runs: no copy back of the GPU part
+            out = cpu_part.result() if cpu_part is not None else self.run_cold(layer, x_cpu, ids, w, cold)
+            out = out.to(x.device, non_blocking=True)
+            if device_out is not None:
+                out = out + device_out.to(x.device, out.dtype)
         self.finish_layer(layer, x)
         return out.to(x.device, x.dtype)
 
@@ -206,14 +213,6 @@ class Offload:
             len(ids), rows[order].tolist(), home.source.expert_bytes(), 6 * n_ff * n_embd
         )
         return cold & torch.isin(ids, experts[order[:n]]) if n else none
-
-    def _observe_stream(self, slots, home: HomeExperts, streamed_ids: torch.Tensor, t0: float) -> None:
-        """The stream's rate: its experts' bytes over the GPU part's time (the slot-resident experts'
-        compute included), to the end of its last chunk."""
-        if slots.device.type == "cuda":
-            torch.cuda.synchronize(slots.device)  # one wait per streaming layer
-        n_bytes = len(torch.unique(streamed_ids)) * home.source.expert_bytes()
-        self.cost.observe_stream(n_bytes, time.perf_counter() - t0)
 
     def _on_worker(self, fn, *args) -> Future:
         """fn(*args) on the worker thread, in this thread's inference and grad modes (they are per thread)."""
