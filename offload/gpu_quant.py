@@ -755,11 +755,16 @@ def _int8_tile(bn: int) -> dict:
     return dict(KB=max(1, _INT8_TILE // bn))
 
 
-def dequant_dtype(dtype: torch.dtype) -> torch.dtype:
-    """What more than FUSED_MAX_T tokens multiply in: W dequantized to 16 bits and x rounded to them,
-    for tensor cores (float32 x too: prefill is bound by compute; llama.cpp's CUDA prefill rounds its
-    activations to f16 for cuBLAS alike). Accumulation stays float32."""
-    return torch.float16 if dtype == torch.float16 else torch.bfloat16
+@contextlib.contextmanager
+def _tf32():
+    """float32 matmuls on tensor cores (TF32: 10-bit mantissas, products within 2^-10), for this call:
+    prefill is bound by compute, and IEEE float32 GEMMs run at a sixteenth of bf16's rate."""
+    was = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = was
 
 
 def _word_aligned(*tensors: torch.Tensor) -> bool:
@@ -896,7 +901,7 @@ class _MatmulPlan:
             self.path = "torch"
         elif T > FUSED_MAX_T:
             self.path = "dequant"
-            self.dequant = _dequant_plan(qtype, n_out, n_in, dequant_dtype(dtype), device)
+            self.dequant = _dequant_plan(qtype, n_out, n_in, dtype, device)
         else:
             self.path = "fused"
             n_steps = triton.cdiv(n_in, STEP)
@@ -960,10 +965,11 @@ class _MatmulPlan:
         x2 = x.view(-1, self.n_in)  # (T, K)
         if self.path == "dequant":
             n = self.n_out * self.n_in
-            wd = _scratch(self.device, dequant_dtype(self.dtype), n) if scratch is None else scratch[:n]
+            wd = _scratch(self.device, self.dtype, n) if scratch is None else scratch[:n]
             wd = wd.view(self.n_out, self.n_in)  # (N, K)
             self.dequant(w, wd, aligned=not (w.data_ptr() | wd.data_ptr()) & 15)
-            return (x2.to(wd.dtype) @ wd.T).to(self.dtype).view(self.out_shape)
+            with _tf32():
+                return (x2 @ wd.T).view(self.out_shape)
         if self.path == "empty":
             return x.new_empty(self.out_shape)
         wf = _dequant_torch(w, self.qtype, self.n_out, self.n_in)  # (N, K)
@@ -1158,9 +1164,9 @@ def quantized_matmul(
     """x @ W.T for the (n_out, n_in) matrix W held in GGUF bytes w (a pool row will do): (..., K) ->
     (..., N) in x's dtype (bf16, f16 or f32), accumulated in float32.
 
-    Above FUSED_MAX_T tokens W is dequantized into `scratch` (1-D, of dequant_dtype(x.dtype), at least
-    N * K elements) or, by default, into a buffer shared by all calls on x's device, and multiplied in
-    that dtype; and where split-K pays (few tokens
+    Above FUSED_MAX_T tokens W is dequantized into `scratch` (1-D, x's dtype, at least N * K elements)
+    or, by default, into a buffer shared by all calls on x's device, and multiplied by cuBLAS (float32
+    in TF32 on a GPU: _tf32); and where split-K pays (few tokens
     on a GPU), partial sums go to a buffer of the call's shape: so calls on one device keep to one stream.
     """
     key = ("matmul", qtype, n_out, n_in, x.shape, x.dtype, x.device)
