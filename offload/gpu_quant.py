@@ -755,18 +755,6 @@ def _int8_tile(bn: int) -> dict:
     return dict(KB=max(1, _INT8_TILE // bn))
 
 
-@contextlib.contextmanager
-def _tf32():
-    """float32 matmuls on tensor cores (TF32: 10-bit mantissas, products within 2^-10), for this call:
-    prefill is bound by compute, and IEEE float32 GEMMs run at a sixteenth of bf16's rate."""
-    was = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = was
-
-
 def _word_aligned(*tensors: torch.Tensor) -> bool:
     """Whether these uint8 tensors (whose last dimension is whole words) view as int32: the int8-x
     kernels read Q4_K blocks as words."""
@@ -968,8 +956,7 @@ class _MatmulPlan:
             wd = _scratch(self.device, self.dtype, n) if scratch is None else scratch[:n]
             wd = wd.view(self.n_out, self.n_in)  # (N, K)
             self.dequant(w, wd, aligned=not (w.data_ptr() | wd.data_ptr()) & 15)
-            with _tf32():
-                return (x2 @ wd.T).view(self.out_shape)
+            return (x2 @ wd.T).view(self.out_shape)
         if self.path == "empty":
             return x.new_empty(self.out_shape)
         wf = _dequant_torch(w, self.qtype, self.n_out, self.n_in)  # (N, K)
@@ -1165,9 +1152,10 @@ def quantized_matmul(
     (..., N) in x's dtype (bf16, f16 or f32), accumulated in float32.
 
     Above FUSED_MAX_T tokens W is dequantized into `scratch` (1-D, x's dtype, at least N * K elements)
-    or, by default, into a buffer shared by all calls on x's device, and multiplied by cuBLAS (float32
-    in TF32 on a GPU: _tf32); and where split-K pays (few tokens
-    on a GPU), partial sums go to a buffer of the call's shape: so calls on one device keep to one stream.
+    or, by default, into a buffer shared by all calls on x's device, and cuBLAS multiplies in x's dtype
+    (float32 stays IEEE: TF32 or bf16 put a 100-token Q4_K prefill past tau); and where split-K pays (few
+    tokens on a GPU), partial sums go to a buffer of the call's shape: so calls on one device keep to one
+    stream.
     """
     key = ("matmul", qtype, n_out, n_in, x.shape, x.dtype, x.device)
     plan = _PLANS.get(key)
