@@ -173,8 +173,10 @@ class Offload:
             resident = self.resident(layer)
             on_device = torch.from_numpy(resident)[ids]  # (T, K)
             streamed = self._to_stream(slots, home, ids, ~on_device)  # (T, K) cold ones computed on the GPU
-            cold = ~(on_device | streamed)
-            x_cpu = x.cpu() if cold.any() else None  # (a prefill whose experts are all on the GPU: none)
+            on_gpu = on_device | streamed
+            cold = ~on_gpu
+            # a prefill whose experts are all on the GPU copies nothing to the host
+            x_cpu = x.cpu() if cold.any() or not on_gpu.any() else None
             # the CPU part overlaps the GPU's; a streaming GPU part keeps this thread busy, so the CPU part
             # then runs on a worker
             cpu_part = (
@@ -183,9 +185,9 @@ class Offload:
                 else None
             )
             device_out = None
-            if on_device.any() or streamed.any():
+            if on_gpu.any():
                 source = home.source if streamed.any() else None
-                device_out = slots.run(layer, x, ids, weights, on_device | streamed, stream_from=source)
+                device_out = slots.run(layer, x, ids, weights, on_gpu, stream_from=source)
                 if source is not None:  # the stream's rate: its experts' bytes over the copies' time
                     n_bytes = len(torch.unique(ids[streamed])) * home.source.expert_bytes()
                     self.cost.observe_stream(n_bytes, slots.stream_seconds)
