@@ -84,10 +84,8 @@ class DeviceExpertSlots:
             ]  # (S, bytes) each
         self.slot_of: dict[tuple[int, int], int] = {}
         self.free = list(range(n_slots - 1, -1, -1))
-        self.host_table = np.full(
-            (n_layers, n_experts), -1, dtype=np.int32
-        )  # (L, E) each expert's slot or -1
-        # the same on the device: a captured step looks its experts up there
+        # each expert's slot or -1, on the host; and on the device, where a captured step looks it up
+        self.host_table = np.full((n_layers, n_experts), -1, dtype=np.int32)  # (L, E)
         self.table = torch.full((n_layers, n_experts), -1, dtype=torch.int32, device=self.device)  # (L, E)
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda else None  # copies overlap compute
@@ -158,14 +156,8 @@ class DeviceExpertSlots:
         with `stream_from` (quantized slots: a prefill), those that do not are copied in as they come."""
         if not self.quantized:
             xd = x.to(self.device, self.layout.dtype, non_blocking=True)
-            slot_of = self.slot_of
-            return weighted_experts(
-                xd,
-                expert_ids,
-                weights,
-                active,
-                lambda e, rows: swiglu(rows, *self.parts(slot_of[(layer, e)])),
-            )
+            run_one = lambda e, rows: swiglu(rows, *self.parts(self.slot_of[(layer, e)]))  # noqa: E731
+            return weighted_experts(xd, expert_ids, weights, active, run_one)
         if stream_from is None and expert_ids.numel() <= GROUPED_MAX_ROWS:
             # the active assignments are those whose expert holds a slot: the device's table says which
             x, ids, w = (t.to(self.device, non_blocking=True) for t in (x, expert_ids, weights))

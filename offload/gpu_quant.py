@@ -664,6 +664,17 @@ def _bad_bytes(w: torch.Tensor, qtype: GGMLQuantizationType, n_out: int, n_in: i
     )
 
 
+def _check_slot_type(qtype: GGMLQuantizationType, n_out: int, n_in: int, stride: int) -> int:
+    """_check_type, and that pool rows `stride` bytes apart hold such a matrix."""
+    nbytes = _check_type(qtype, n_out, n_in)
+    if stride < nbytes:
+        raise ValueError(
+            f"pool rows {stride} bytes apart cannot hold a {qtype.name} ({n_out}, {n_in}) matrix of"
+            f" {nbytes} bytes: make the pool with new_pool"
+        )
+    return nbytes
+
+
 def _check_pool(pool: torch.Tensor, qtype: GGMLQuantizationType, n_out: int, n_in: int, device) -> None:
     """A pool as new_pool makes them, of matrices this shape, on device; else a ValueError."""
     if (
@@ -694,6 +705,22 @@ def _step_args(qtype: GGMLQuantizationType, suffix: str = "") -> dict:
     args = {k + suffix: v for k, v in args.items()}
     args["MIN" + suffix if suffix else "HAS_MIN"] = has_min
     return args
+
+
+def _pair_args(qa, qb, stride_a: int, stride_b: int, n_out: int, n_in: int) -> dict:
+    """What the two-matrix kernels (grouped, sorted) take of their matrices A and B: slots `stride_*`
+    bytes apart in their pools, (n_out, n_in) each."""
+    return dict(
+        n_out=n_out,
+        n_in=n_in,
+        slot_bytes_a=stride_a,
+        slot_bytes_b=stride_b,
+        row_bytes_a=matrix_nbytes(qa, 1, n_in),
+        row_bytes_b=matrix_nbytes(qb, 1, n_in),
+        n_steps=-(-n_in // STEP),
+        **_step_args(qa, "_A"),
+        **_step_args(qb, "_B"),
+    )
 
 
 @functools.cache
@@ -982,17 +1009,12 @@ class _GroupedPlan:
 
     def __init__(self, qtypes, n_out, n_in, shape, dtype, device, slot_dtype, strides):
         self.qtypes, self.n_out, self.n_in, self.dtype, self.device = qtypes, n_out, n_in, dtype, device
-        self.nbytes = tuple(_check_type(q, n_out, n_in) for q in qtypes)
+        for q, stride in zip(qtypes, strides):
+            _check_slot_type(q, n_out, n_in, stride)
         if len(shape) != 2 or shape[1] != n_in or not dtype.is_floating_point:
             raise ValueError(f"x must be float (A, {n_in}); got {dtype} {tuple(shape)}")
         if slot_dtype not in (torch.int32, torch.int64):
             raise ValueError(f"slots must be int32 or int64; got {slot_dtype}")
-        for q, stride, nbytes in zip(qtypes, strides, self.nbytes):
-            if stride < nbytes:
-                raise ValueError(
-                    f"pool rows {stride} bytes apart cannot hold a {q.name} ({n_out}, {n_in}) matrix of"
-                    f" {nbytes} bytes: make the pool with new_pool"
-                )
         A = self.A = shape[0]
         glu = len(qtypes) == 2
         self.partials = self.reduce = self.int8_x = None
@@ -1009,20 +1031,11 @@ class _GroupedPlan:
         m = A * n_out
         if A * n_in >= 2**31 or 2 * parts * m >= 2**31:  # the kernels index in int32
             raise ValueError(f"{A} rows are too many for one grouped launch of a ({n_out}, {n_in}) matrix")
-        qa, qb = qtypes[0], qtypes[-1]
         consts = dict(
-            n_out=n_out,
-            n_in=n_in,
-            slot_bytes_a=strides[0],
-            slot_bytes_b=strides[-1],
-            row_bytes_a=matrix_nbytes(qa, 1, n_in),
-            row_bytes_b=matrix_nbytes(qb, 1, n_in),
-            n_steps=n_steps,
+            _pair_args(qtypes[0], qtypes[-1], strides[0], strides[-1], n_out, n_in),
             steps_per_part=per,
             part_stride=m,
             b_offset=parts * m,
-            **_step_args(qa, "_A"),
-            **_step_args(qb, "_B"),
             GLU=glu,
             FINAL=parts == 1,
         )
@@ -1209,23 +1222,13 @@ class _SortedPlan:
         self.qtypes, self.dtype, self.device, self.bm = qtypes, dtype, device, bm
         self.n_ff, self.n_embd = n_ff, n_embd
         shapes = ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))
-        self.nbytes = tuple(_check_type(q, *shape) for q, shape in zip(qtypes, shapes))
-        for q, shape, stride, nbytes in zip(qtypes, shapes, strides, self.nbytes):
-            if stride < nbytes:
-                raise ValueError(f"pool rows {stride} bytes apart cannot hold a {q.name} {shape} matrix")
+        for q, shape, stride in zip(qtypes, shapes, strides):
+            _check_slot_type(q, *shape, stride)
         halves = ((qtypes[0], qtypes[1], strides[0], strides[1], n_ff, n_embd, True),
                   (qtypes[2], qtypes[2], strides[2], strides[2], n_embd, n_ff, False))  # fmt: skip
         self.consts = [
             dict(
-                n_out=n_out,
-                n_in=n_in,
-                slot_bytes_a=sa,
-                slot_bytes_b=sb,
-                row_bytes_a=matrix_nbytes(qa, 1, n_in),
-                row_bytes_b=matrix_nbytes(qb, 1, n_in),
-                n_steps=triton.cdiv(n_in, STEP),
-                **_step_args(qa, "_A"),
-                **_step_args(qb, "_B"),
+                _pair_args(qa, qb, sa, sb, n_out, n_in),
                 GLU=glu,
                 GATHER=glu,  # gate and up read x's rows; down reads h's in their sorted order
                 DOT_F32=dtype == torch.float32 or _INTERPRETED,

@@ -50,6 +50,10 @@ class ExpertFile:
     def expert_bytes(self) -> int:
         return sum(i.nbytes for i in self.infos.values()) // self.n_expert
 
+    def row_flops(self) -> int:
+        """Multiply-adds x 2 of one row through one expert (gate, up, down)."""
+        return 2 * 3 * self.n_ff * self.n_embd
+
     def dequant(self, e: int) -> tuple[torch.Tensor, ...]:
         """(gate (F, D), up (F, D), down (D, F)) float32 from the file's (page-cached) bytes."""
         return tuple(dequantize(i.data[e], i.qtype, i.shape[1:], name=i.name) for i in self.infos.values())
@@ -210,9 +214,8 @@ class Offload:
             return none
         experts, rows = torch.unique(ids[cold], return_counts=True)  # (U,)
         order = torch.argsort(rows, descending=True, stable=True)
-        n_ff, n_embd = home.source.n_ff, home.source.n_embd
         n = self.cost.stream_count(
-            len(ids), rows[order].tolist(), home.source.expert_bytes(), 6 * n_ff * n_embd
+            len(ids), rows[order].tolist(), home.source.expert_bytes(), home.source.row_flops()
         )
         return cold & torch.isin(ids, experts[order[:n]]) if n else none
 
@@ -237,13 +240,11 @@ class Offload:
             else np.zeros(self.homes[layer].source.n_expert, bool)
         )
 
-    def run_cold(
-        self, layer: int, x_cpu, ids, w, cold, work: tuple[int, int, int] | None = None
-    ) -> torch.Tensor:
+    def run_cold(self, layer: int, x_cpu, ids, w, cold) -> torch.Tensor:
         """The CPU part (T, D): the cold assignments, from RAM or the mapped file, timed for the prefill
         cost model."""
         home = self.homes[layer]
-        n_cold, cold_bytes, cold_flops = work or self._cold_work(home, ids, cold)
+        n_cold, cold_bytes, cold_flops = self._cold_work(home, ids, cold)
         t0 = time.perf_counter()
         out = home.run(x_cpu, ids, w, cold)  # (T, D)
         seconds = time.perf_counter() - t0
@@ -260,7 +261,7 @@ class Offload:
     def _cold_work(self, home: HomeExperts, ids: torch.Tensor, cold: torch.Tensor) -> tuple[int, int, int]:
         """The distinct experts the CPU part would read, their bytes, and its multiply-adds x 2."""
         n_experts = len(np.unique(ids[cold].numpy()))
-        flops = 2 * 3 * home.source.n_ff * home.source.n_embd * int(cold.sum())
+        flops = home.source.row_flops() * int(cold.sum())
         return n_experts, n_experts * home.source.expert_bytes(), flops
 
     def count(

@@ -41,9 +41,12 @@ class StreamCost:
         best, best_s = 0, self.cpu_seconds(len(rows) * expert_bytes, left * row_flops)
         for k, r in enumerate(rows, 1):
             left -= r
-            cpu = self.cpu_seconds((len(rows) - k) * expert_bytes, left * row_flops)
-            if max(self.stream_seconds(k * expert_bytes), cpu) < best_s:
-                best, best_s = k, max(self.stream_seconds(k * expert_bytes), cpu)
+            both = max(
+                self.stream_seconds(k * expert_bytes),
+                self.cpu_seconds((len(rows) - k) * expert_bytes, left * row_flops),
+            )
+            if both < best_s:
+                best, best_s = k, both
         return best
 
     def observe_cpu(self, rows_per_expert: float, n_bytes: float, flops: float, seconds: float) -> None:

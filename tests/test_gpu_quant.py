@@ -257,6 +257,15 @@ def slot_pool(qtype: GGMLQuantizationType, n_out: int, n_in: int, n_slots: int, 
     return pool, torch.stack(refs)
 
 
+def swiglu_pools(qtypes: tuple, n_ff: int, n_embd: int, n_slots: int, device: str):
+    """Pools of random gate, up and down matrices ((F, D), (F, D), (D, F)) of these types, and their float32
+    weights (S, ...) each."""
+    shapes = ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))
+    return zip(
+        *(slot_pool(q, *s, n_slots, device, seed=10 * i) for i, (q, s) in enumerate(zip(qtypes, shapes)))
+    )
+
+
 def slot_ids(A: int, n_slots: int, seed: int) -> list[int]:
     """Random slots with at least one repeated (A > 1): several rows of one expert."""
     ids = torch.randint(0, n_slots, (A,), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -302,10 +311,7 @@ def test_grouped_matmul_f32_int64_slots_and_empty(device):
 def test_grouped_swiglu_matches_f32(device, qtypes, A, dtype):
     """gate and up of one launch may differ in layout (Q4_K's 8 x 32 sub-blocks, Q6_K's 16 x 16)."""
     n_ff, n_embd = 256, 256
-    shapes = ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))
-    pools, refs = zip(
-        *(slot_pool(q, *s, 4, device, seed=10 * i) for i, (q, s) in enumerate(zip(qtypes, shapes)))
-    )
+    pools, refs = swiglu_pools(qtypes, n_ff, n_embd, 4, device)
     slots = slot_ids(A, 4, seed=A)
     x = tokens(A, n_embd, dtype, seed=A)
     s = torch.tensor(slots, dtype=torch.int32, device=device)
@@ -320,8 +326,7 @@ def test_grouped_swiglu_negative_slots_are_zero_rows(device, parts, monkeypatch)
     comes out zero, whole or split-K, and the other rows are as if it were not there."""
     monkeypatch.setattr(gq, "_split_k", lambda n_programs, n_steps, device: parts)
     n_ff, n_embd = 256, 1024
-    shapes = ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))
-    pools, refs = zip(*(slot_pool(Q.Q4_K, *s, 3, device, seed=10 * i) for i, s in enumerate(shapes)))
+    pools, refs = swiglu_pools((Q.Q4_K,) * 3, n_ff, n_embd, 3, device)
     x = tokens(4, n_embd, torch.bfloat16, seed=3)
     s = torch.tensor([2, -1, 0, -1], dtype=torch.int32, device=device)
     y = gq.grouped_swiglu(x.to(device), *pools, s, (Q.Q4_K,) * 3, n_ff, n_embd).cpu()  # (4, D)
@@ -336,8 +341,7 @@ def test_grouped_split_k(device, monkeypatch):
     down's single step stays whole."""
     monkeypatch.setattr(gq, "_split_k", lambda n_programs, n_steps, device: 3)
     n_ff, n_embd = 256, 1024
-    shapes = ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))
-    pools, refs = zip(*(slot_pool(Q.Q4_K, *s, 3, device, seed=10 * i) for i, s in enumerate(shapes)))
+    pools, refs = swiglu_pools((Q.Q4_K,) * 3, n_ff, n_embd, 3, device)
     slots = [2, 0]
     x = tokens(2, n_embd, torch.bfloat16)
     s = torch.tensor(slots, dtype=torch.int32, device=device)
@@ -369,10 +373,7 @@ def assignments(A: int, T: int, n_slots: int, seed: int) -> tuple[torch.Tensor, 
 def test_sorted_swiglu_matches_f32(device, qtypes, A, dtype):
     """Many assignments per slot (a prefill), sorted into padded blocks and scattered back in order."""
     n_ff, n_embd = 256, 512
-    shapes = ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))
-    pools, refs = zip(
-        *(slot_pool(q, *s, 5, device, seed=10 * i) for i, (q, s) in enumerate(zip(qtypes, shapes)))
-    )
+    pools, refs = swiglu_pools(qtypes, n_ff, n_embd, 5, device)
     rows, slots = assignments(A, A // 3, 5, seed=A)
     x = tokens(A // 3, n_embd, dtype, seed=A)
     y = gq.sorted_swiglu(x.to(device), *pools, rows, slots, qtypes, n_ff, n_embd)
@@ -525,8 +526,7 @@ def test_tuned_on_a_gpu(monkeypatch):
     for _ in range(2):
         assert_product(gq.quantized_matmul(x.cuda(), w.cuda(), Q.Q4_K, 256, 2048), x, ref, int8)
     n_ff, n_embd = 256, 512
-    shapes = ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))
-    pools, refs = zip(*(slot_pool(Q.Q4_K, *s, 3, "cuda", seed=10 * i) for i, s in enumerate(shapes)))
+    pools, refs = swiglu_pools((Q.Q4_K,) * 3, n_ff, n_embd, 3, "cuda")
     x = tokens(3, n_embd, torch.bfloat16)
     s = torch.tensor([2, 0, 2], device="cuda")
     for _ in range(2):
