@@ -257,6 +257,11 @@ def slot_pool(qtype: GGMLQuantizationType, n_out: int, n_in: int, n_slots: int, 
     return pool, torch.stack(refs)
 
 
+def case_id(v) -> str:
+    """A swiglu case's id: its (gate, up, down) types joined, or the value."""
+    return "-".join(t.name for t in v) if isinstance(v, tuple) else str(v)
+
+
 def swiglu_pools(qtypes: tuple, n_ff: int, n_embd: int, n_slots: int, device: str):
     """Pools of random gate, up and down matrices ((F, D), (F, D), (D, F)) of these types, and their float32
     weights (S, ...) each."""
@@ -306,7 +311,7 @@ def test_grouped_matmul_f32_int64_slots_and_empty(device):
         ((Q.Q4_K, Q.Q6_K, Q.Q8_0), 6, torch.bfloat16),
         ((Q.Q4_K, Q.Q6_K, Q.Q8_0), 3, torch.float32),
     ],
-    ids=lambda v: "-".join(t.name for t in v) if isinstance(v, tuple) else str(v),
+    ids=case_id,
 )
 def test_grouped_swiglu_matches_f32(device, qtypes, A, dtype):
     """gate and up of one launch may differ in layout (Q4_K's 8 x 32 sub-blocks, Q6_K's 16 x 16)."""
@@ -368,7 +373,7 @@ def assignments(A: int, T: int, n_slots: int, seed: int) -> tuple[torch.Tensor, 
         ((Q.Q4_K, Q.Q6_K, Q.Q8_0), 200, torch.bfloat16),
         ((Q.Q4_K, Q.Q6_K, Q.Q8_0), 24, torch.float32),
     ],
-    ids=lambda v: "-".join(t.name for t in v) if isinstance(v, tuple) else str(v),
+    ids=case_id,
 )
 def test_sorted_swiglu_matches_f32(device, qtypes, A, dtype):
     """Many assignments per slot (a prefill), sorted into padded blocks and scattered back in order."""
