@@ -11,7 +11,12 @@ sees the temporal locality a real generation has. Every configuration runs the s
 
 With `--llama-bench PATH` (a CUDA build of llama.cpp's llama-bench) the same file runs in llama.cpp with
 every expert on the CPU (`-ot exps=CPU`) and with `--n-cpu-moe N` for each N given, same prompt and
-generation lengths; pick N so that llama.cpp's GPU part fits the same budget.
+generation lengths; pick N so that llama.cpp's GPU part fits the same budget (the report has the most
+memory each GPU held during each llama.cpp run).
+
+Several GPUs: `--gpus 1,2` runs each dsrun configuration on the first one and on the first two GPUs (the
+budget is per card), and `--llama-run 2:ARGS` runs llama-bench on two (e.g. `-ncmoe 3 -ts 7/3`: its
+layers split 7:3 so that each card stays within the budget).
 
     python bench/bench_hybrid.py --preset deepseek-v3 --layers 6 --set n_dense_lead=1 --gpu-mem 24GiB \
         --llama-bench ./llama-bench --n-cpu-moe 3 --out results.json
@@ -20,9 +25,11 @@ generation lengths; pick N so that llama.cpp's GPU part fits the same budget.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -70,11 +77,26 @@ def uniform_routers(eng, seed: int = 7) -> None:
             ffn.exp_probs_b = torch.zeros_like(ffn.exp_probs_b)
 
 
+def llama_runs(args) -> dict[str, tuple[int, list[str]]]:
+    """name -> (GPUs it sees, extra llama-bench arguments): `--n-cpu-moe N` on one GPU (with the
+    all-CPU run beside them), and each `--llama-run G:ARGS` on G GPUs."""
+    runs = {}
+    if args.n_cpu_moe:
+        runs["all-cpu"] = (1, ["-ot", "exps=CPU"])
+        runs |= {f"n-cpu-moe {n}": (1, ["-ncmoe", str(n)]) for n in args.n_cpu_moe}
+    for spec in args.llama_run:
+        gpus, sep, extra = spec.partition(":")
+        if not sep or not gpus.isdigit():
+            raise SystemExit(f"--llama-run takes GPUS:ARGS (like '2:-ncmoe 3 -ts 7/3'), not {spec!r}")
+        runs[f"{gpus} GPU {extra}"] = (int(gpus), extra.split())
+    return runs
+
+
 def llama_bench(args, path: Path) -> dict:
-    """llama.cpp's own numbers on the same file: tokens/s of pp (prefill) and tg (decode)."""
-    runs = {"all-cpu": ["-ot", "exps=CPU"]} | {f"n-cpu-moe {n}": ["-ncmoe", str(n)] for n in args.n_cpu_moe}
+    """llama.cpp's own numbers on the same file: tokens/s of pp (prefill) and tg (decode), and the most
+    memory each GPU it saw held."""
     out = {}
-    for name, extra in runs.items():
+    for name, (gpus, extra) in llama_runs(args).items():
         cmd = [
             args.llama_bench,
             "-m",
@@ -87,7 +109,9 @@ def llama_bench(args, path: Path) -> dict:
             str(args.decode),
         ]
         cmd += ["-r", "1", "-o", "json", *extra]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, range(gpus))))
+        with GPUMemoryPeaks(gpus) as peaks:
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             out[name] = {"error": done.stderr[-2000:]}
         else:
@@ -96,13 +120,43 @@ def llama_bench(args, path: Path) -> dict:
                 (f"prefill_tok_s/{r['n_prompt']}" if r["n_prompt"] else "decode_tok_s"): round(r["avg_ts"], 2)
                 for r in rows
             }
-        print(f"llama.cpp {name:14s} {out[name]}", flush=True)
+        out[name]["gpu_peak_gib"] = peaks.gib()
+        print(f"llama.cpp {name:24s} {out[name]}", flush=True)
     return out
 
 
-def reshape_plan(plan: Plan, config: str, n_slots: int) -> None:
-    """Rewrite which experts start on the GPU: none, or whole trailing layers (static), or the plan's own."""
-    gpu = next(t.device for t in plan.tiers if t.tier == "gpu")
+class GPUMemoryPeaks:
+    """The most memory each of the first n GPUs held above what it held at the start, sampled every
+    0.2 s from the driver's count (so another process's use shows)."""
+
+    def __init__(self, n: int):
+        self.n = n if torch.cuda.is_available() else 0
+        self.stop = threading.Event()
+
+    def used(self) -> list[int]:
+        return [total - free for free, total in map(torch.cuda.mem_get_info, range(self.n))]
+
+    def sample(self) -> None:
+        while not self.stop.wait(0.2):
+            self.peak = [max(a, b) for a, b in zip(self.peak, self.used())]
+
+    def __enter__(self):
+        self.base = self.peak = self.used()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def gib(self) -> list[float]:
+        return [round((peak - base) / 2**30, 2) for peak, base in zip(self.peak, self.base)]
+
+
+def reshape_plan(plan: Plan, config: str, slots: dict[str, int]) -> None:
+    """Rewrite which experts start on the GPUs: none, or on each GPU whole trailing layers of its own
+    (static, `slots` per GPU), or the plan's own."""
     keys = sorted(plan.expert_devices)
     if config == "all-cpu":
         chosen = set()
@@ -110,16 +164,16 @@ def reshape_plan(plan: Plan, config: str, n_slots: int) -> None:
         by_layer: dict[int, list] = {}
         for key in keys:
             by_layer.setdefault(key[0], []).append(key)
-        chosen, room = set(), n_slots
+        chosen, room = set(), dict(slots)
         for layer in sorted(by_layer, reverse=True):
-            if len(by_layer[layer]) > room:
-                break
-            chosen.update(by_layer[layer])
-            room -= len(by_layer[layer])
+            gpu = plan.layer_devices[layer]
+            if len(by_layer[layer]) <= room[gpu]:
+                chosen.update(by_layer[layer])
+                room[gpu] -= len(by_layer[layer])
     else:
         return
     for key in keys:
-        plan.expert_devices[key] = gpu if key in chosen else "cpu"
+        plan.expert_devices[key] = plan.layer_devices[key[0]] if key in chosen else "cpu"
 
 
 def cpu_experts_in_ram(eng) -> None:
@@ -130,34 +184,43 @@ def cpu_experts_in_ram(eng) -> None:
         )
 
 
-def load(path: Path, config: str, args):
+def load(path: Path, config: str, args, n_gpus: int = 1):
     eng = dsrun.load(
         path,
         ctx=args.ctx,
-        gpus=[0],
+        gpus=list(range(n_gpus)),
         gpu_mem=args.gpu_mem,
         ram=args.ram,
         cpu_backend=args.cpu_backend,
-        offload_options=gpu_options(args),
+        offload_options=gpu_options(args, n_gpus),
     )
     if config == "dsrun-cache":
         return eng
-    pool = next(iter(eng.offload.slots.values()))
-    for key in list(pool.slot_of):  # start over with the configuration's own placement
-        pool.drop(*key)
-    reshape_plan(eng.plan, config, pool.n_slots)
+    pools = {p.name: p for p in eng.offload.slots.values()}
+    for pool in pools.values():
+        for key in list(pool.slot_of):  # start over with the configuration's own placement
+            pool.drop(*key)
+    reshape_plan(eng.plan, config, {name: p.n_slots for name, p in pools.items()})
     cpu_experts_in_ram(eng)
     for (layer, e), device in eng.plan.expert_devices.items():
-        if device.startswith("cuda") and pool.free:
-            eng.offload.promote(pool, layer, e)
+        if device in pools and pools[device].free:
+            eng.offload.promote(pools[device], layer, e)
     eng.offload.policy.max_moves = 0  # static placements never move
     eng.offload.counters = Counters()  # count from the configuration's own start
     return eng
 
 
-def gpu_options(args) -> dict:
+def gpu_options(args, n_gpus: int = 1) -> dict:
     """--cpu-as-gpu runs the GPU code paths with CPU tensors, to try the benchmark without CUDA."""
-    return {"device_map": {"cuda:0": "cpu"}, "quantized_slots": True} if args.cpu_as_gpu else {}
+    if not args.cpu_as_gpu:
+        return {}
+    return {"device_map": {f"cuda:{i}": "cpu" for i in range(n_gpus)}, "quantized_slots": True}
+
+
+def gpu_peaks_gib() -> list[float]:
+    """The most memory torch reserved on each GPU since the last reset."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [round(torch.cuda.max_memory_reserved(i) / 2**30, 2) for i in range(n)]
 
 
 def greedy_tokens(eng, prompt: list[int], n: int) -> tuple[list[int], float]:
@@ -219,9 +282,17 @@ def sync() -> None:
 
 
 def run_config(
-    path: Path, config: str, routing: str, args, prompt: list[int], long_prompts: list[list[int]]
+    path: Path,
+    config: str,
+    routing: str,
+    args,
+    prompt: list[int],
+    long_prompts: list[list[int]],
+    n_gpus: int = 1,
 ) -> dict:
-    eng = load(path, config, args)
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        torch.cuda.reset_peak_memory_stats(i)
+    eng = load(path, config, args, n_gpus)
     if routing == "uniform":
         uniform_routers(eng)
     warm, _ = greedy_tokens(eng, prompt, args.warmup)  # the cache learns from this generation
@@ -238,11 +309,13 @@ def run_config(
         "prefill_tok_s": {n: r["tok_s"] for n, r in prefill.items() if n != "stream_cost"},
         "prefill": prefill,
         "hit_rate": round(stats["hit_rate"] or 0.0, 3),
-        "gpu_experts": sum(row.count("0") for row in stats["placement"]),
+        "gpu_experts": sum(c.isdigit() for row in stats["placement"] for c in row),  # a GPU's index
         "experts_total": stats["total"],
         "promotions": stats["promotions"],
         "backend": eng.offload.homes[eng.offload.layers[0]].backend.name,
         "decode_path": eng.stats()["decode"],
+        "layer_devices": eng.plan.layer_devices,
+        "gpu_peak_gib": gpu_peaks_gib(),
         "profile_ms_per_token": profile,
         "tokens": tokens,
     }
@@ -306,8 +379,15 @@ def main() -> None:
     p.add_argument("--parity", action="store_true", help="also compare GPU and CPU logits")
     p.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench built with CUDA")
     p.add_argument(
-        "--n-cpu-moe", type=int, action="append", default=[], help="llama.cpp static splits to run"
+        "--n-cpu-moe", type=int, action="append", default=[], help="llama.cpp static splits to run on 1 GPU"
     )
+    p.add_argument(
+        "--llama-run",
+        action="append",
+        default=[],
+        help="GPUS:ARGS, a llama-bench run on the first GPUS GPUs with ARGS (e.g. '2:-ncmoe 3 -ts 7/3')",
+    )
+    p.add_argument("--gpus", default="1", help="GPU counts to run dsrun's configurations on, e.g. 1,2")
     p.add_argument("--out", default=None)
     p.add_argument(
         "--profile", type=int, default=0, help="decode this many more tokens, time split per token"
@@ -330,19 +410,22 @@ def main() -> None:
     if args.llama_bench:
         report["llama.cpp"] = llama_bench(args, path)
     routings = args.routings.split(",")
-    for routing in routings:
-        for config in args.configs.split(","):
-            for graphs in args.graphs.split(","):
-                os.environ["DSRUN_CUDA_GRAPHS"] = "1" if graphs == "on" else "0"
-                r = run_config(path, config, routing, args, prompt, long_prompts)
-                name = f"{routing}/{config}" + ("" if graphs == "on" else "/eager")
-                report["results"][name] = r
-                print(
-                    f"{name:24s} decode {r['decode_tok_s']:7.2f} tok/s  prefill {r['prefill_tok_s']}"
-                    f" tok/s  hit {r['hit_rate']:.3f}  gpu experts {r['gpu_experts']}/{r['experts_total']}"
-                    f"  promotions {r['promotions']}  ({r['backend']})  profile {r['profile_ms_per_token']}",
-                    flush=True,
-                )
+    gpu_counts = [int(n) for n in args.gpus.split(",")]
+    for routing, config, graphs, n_gpus in itertools.product(
+        routings, args.configs.split(","), args.graphs.split(","), gpu_counts
+    ):
+        os.environ["DSRUN_CUDA_GRAPHS"] = "1" if graphs == "on" else "0"
+        r = run_config(path, config, routing, args, prompt, long_prompts, n_gpus)
+        name = f"{routing}/{config}" + ("" if graphs == "on" else "/eager")
+        name += "" if gpu_counts == [1] else f"/{n_gpus}gpu"
+        report["results"][name] = r
+        print(
+            f"{name:28s} decode {r['decode_tok_s']:7.2f} tok/s  prefill {r['prefill_tok_s']}"
+            f" tok/s  hit {r['hit_rate']:.3f}  gpu experts {r['gpu_experts']}/{r['experts_total']}"
+            f"  promotions {r['promotions']}  ({r['backend']})  GPU peaks {r['gpu_peak_gib']} GiB"
+            f"  profile {r['profile_ms_per_token']}",
+            flush=True,
+        )
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))
     if args.parity:

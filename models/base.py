@@ -6,6 +6,7 @@ H query heads, G KV heads, D head dim, V vocab.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -130,7 +131,8 @@ class LanguageModel:
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits (rows of out_rows, V) for the batch; every sequence's cache grows by its tokens."""
         extra = self.block_args(batch)
-        x = embed(self.token_embd, batch.tokens)  # (T, D)
+        with device_scope(self.token_embd.device):
+            x = embed(self.token_embd, batch.tokens)  # (T, D)
         for i, block in enumerate(self.blocks):
             x = block(x, batch, i, *extra)
         for s in batch.seqs:
@@ -138,7 +140,8 @@ class LanguageModel:
         if batch.out_rows is not None:
             x = x[batch.out_rows]
         x = x.to(self.output.device)  # the last block may sit on another GPU than the head
-        return linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output)  # (rows, V)
+        with device_scope(x.device):
+            return linear(rms_norm(x, self.output_norm, self.cfg.norm_eps), self.output)  # (rows, V)
 
 
 def load_weight(f: GGUFFile, name: str) -> torch.Tensor:
@@ -249,21 +252,38 @@ def default_attn_scale(head_dim: int) -> float:
 
 class OnDevice:
     """A block pinned to a device: its tensor inputs move there first, so layers can sit on different GPUs
-    (activations pass from one to the next) with no change to the architecture's code."""
+    (activations pass from one to the next) with no change to the architecture's code. The block runs
+    with its GPU current: Triton launches on the current device's stream, whatever the tensors' device.
+
+    `move` carries the inputs across: a recorded decode step (runtime/decode_graph.py) replaces it, as its
+    graphs are cut where the device changes."""
 
     def __init__(self, block, device: torch.device):
         self.block, self.device = block, device
+        self.move = to_device
 
     def __call__(self, *args):
-        return self.block(*(_to_device(a, self.device) for a in args))
+        with device_scope(self.device):
+            return self.block(*self.move(args, self.device))
+
+
+def to_device(args: tuple, device: torch.device) -> tuple:
+    """Every tensor of `args` (and of tuples in it) on `device`; other values as they are."""
+    return tuple(_to_device(a, device) for a in args)
 
 
 def _to_device(value, device: torch.device):
     if isinstance(value, torch.Tensor):
         return value.to(device, non_blocking=True)
     if isinstance(value, tuple):
-        return tuple(_to_device(v, device) for v in value)
+        return to_device(value, device)
     return value
+
+
+def device_scope(device: torch.device | str):
+    """`device` made current while its work is launched, if it is a GPU."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def move_tensors(obj, device: torch.device, memo: dict) -> None:
@@ -294,13 +314,17 @@ def _moved(value, device: torch.device, memo: dict):
     return value
 
 
+HEAD = ("output_norm", "output")  # the model's tensors after its last block; the others feed the first
+
+
 def place_model(model, layer_devices: list[str]) -> None:
-    """Blocks to their planned devices, embeddings with the first block, the output head with the last."""
+    """Blocks to their planned devices, the output head with the last block and the model's other
+    tensors (embeddings, RoPE frequencies: the blocks' inputs) with the first."""
     memo: dict = {}
     first, last = torch.device(layer_devices[0]), torch.device(layer_devices[-1])
     for name, value in list(vars(model).items()):
         if isinstance(value, (torch.Tensor, GGUFMatrix)):
-            setattr(model, name, _moved(value, first if name == "token_embd" else last, memo))
+            setattr(model, name, _moved(value, last if name in HEAD else first, memo))
     for i, block in enumerate(model.blocks):
         device = torch.device(layer_devices[i])
         move_tensors(block, device, memo)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsrun.models.base import Batch, KVCache, Seq
+from dsrun.models.base import Batch, KVCache, OnDevice, Seq, to_device
 
 
 class FixedKV:
@@ -34,23 +34,30 @@ class FixedKV:
     written at a position held on the device. A KVCache decoding here is bound to them: it keeps its
     count of tokens, the rows live in these buffers."""
 
-    def __init__(self, capacity: int, device: torch.device):
+    def __init__(self, capacity: int, devices: list[torch.device]):
         self.capacity = capacity
-        self.pos = torch.zeros((), dtype=torch.long, device=device)  # the row this step writes
+        # the row this step writes, on every device that holds layers: a recorded graph reads its own
+        self.pos = {d: torch.zeros((), dtype=torch.long, device=d) for d in devices}
+        self.at = devices[0]  # the device of the block running now
         self.buffers: list[list[torch.Tensor]] | None = None
         self.bound: KVCache | None = None
 
     @property
     def n(self) -> torch.Tensor:
-        return self.pos  # attention's start: rows before it are cached
+        return self.pos[self.at]  # attention's start: rows before it are cached
 
-    def positions(self, n_new: int) -> torch.Tensor:
-        return self.pos + torch.arange(n_new, device=self.pos.device)  # (n_new,)
+    def seek(self, n: int) -> None:
+        for pos in self.pos.values():
+            pos.fill_(n)
+
+    def positions(self, n_new: int, device: torch.device | None = None) -> torch.Tensor:
+        pos = self.pos[device or self.at]
+        return pos + torch.arange(n_new, device=pos.device)  # (n_new,)
 
     def append(self, layer: int, *parts: torch.Tensor) -> list[torch.Tensor]:
         """Write this step's rows at pos; return the whole buffers (N, ...), masked by the attention."""
         bufs = self.buffers[layer]
-        at = self.positions(parts[0].shape[0])
+        at = self.positions(parts[0].shape[0], bufs[0].device)
         for b, p in zip(bufs, parts):
             b.index_copy_(0, at, p.to(b.dtype))
         return bufs
@@ -144,23 +151,64 @@ class StepTimes:
         return {k: round(getattr(self, k) / n * 1e3, 3) for k in keys}
 
 
+@dataclass
+class Hop:
+    """A block on another GPU than the one before it: the graph of the device left ends, its outputs are
+    copied into buffers on the next device (outside any graph: a graph holds one device's work), and
+    that device's graph reads them."""
+
+    sources: list[torch.Tensor]
+    targets: list[torch.Tensor]
+
+    def copy(self) -> None:
+        for target, source in zip(self.targets, self.sources):
+            target.copy_(source, non_blocking=True)
+
+
+def _tensors(args) -> list[torch.Tensor]:
+    """The tensors of a block's arguments, tuples walked, in order."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, tuple):
+            out += _tensors(a)
+    return out
+
+
 class DecodeGraph:
-    """Runs `forward` (a model's forward on one device) for single-token steps, replayed from graphs
-    on CUDA. On a CPU (`graphs=False`, tests) the same split step runs eagerly."""
+    """Runs `forward` (a model's forward, its layers on `devices`) for single-token steps, replayed from
+    graphs on CUDA. On a CPU (`graphs=False`, tests) the same split step runs eagerly.
+
+    Layers on several GPUs cut the step where the device changes (a Hop); `blocks`, the model's OnDevice
+    blocks, then move their inputs through this object while it runs the model."""
 
     def __init__(
-        self, forward: Callable, offload, capacity: int, device: str | torch.device, graphs: bool = True
+        self,
+        forward: Callable,
+        offload,
+        capacity: int,
+        devices: str | torch.device | list,
+        graphs: bool = True,
+        blocks: list = (),
     ):
         self.forward, self.offload = forward, offload
-        self.device = torch.device(device)
+        devices = [devices] if isinstance(devices, (str, torch.device)) else devices
+        self.devices = list(dict.fromkeys(torch.device(d) for d in devices))  # each once, in layer order
+        self.device = self.devices[0]  # where the step starts: its token, the embeddings
         self.graphs = graphs and self.device.type == "cuda"
-        self.kv = FixedKV(capacity, self.device)
+        self.blocks = [b for b in blocks if isinstance(b, OnDevice)]
+        self.kv = FixedKV(capacity, self.devices)
         self.token = torch.zeros(1, dtype=torch.long, device=self.device)
         self.crossings: dict[int, Crossing] = {}
-        self.segments: list[torch.cuda.CUDAGraph] = []  # A, then B and A for each MoE layer
-        self.order: list[int] = []  # the MoE layers in the recorded step
+        # (device, graph): A, then B and A for each MoE layer, and another A after each Hop
+        self.segments: list[tuple[torch.device, torch.cuda.CUDAGraph]] = []
+        self.order: list[int | Hop] = []  # what comes between two A graphs: a MoE layer's crossing, a Hop
         self.logits: torch.Tensor | None = None
         self.recording: torch.cuda.CUDAGraph | None = None
+        self.recording_on: torch.device | None = None
+        self.sides: dict[torch.device, torch.cuda.Stream] = {}  # the streams graphs are recorded on
+        self.streams: contextlib.ExitStack | None = None  # the side streams made current while recording
         self.failed: str | None = None
         self.replays = 0
         self.times: StepTimes | None = None  # set to a StepTimes to profile replays
@@ -177,7 +225,7 @@ class DecodeGraph:
         """Logits (1, V) of the batch's one token; its cache grows by it."""
         cache = batch.seqs[0].cache
         self.kv.bind(cache)
-        self.kv.pos.fill_(cache.n)
+        self.kv.seek(cache.n)
         self.token.fill_(int(batch.tokens.reshape(-1)[0]))
         if self.segments:
             logits = self._replay()
@@ -191,15 +239,33 @@ class DecodeGraph:
     # --- running the step ---------------------------------------------------------------------------
 
     def _run(self) -> torch.Tensor:
-        """The model's forward over the fixed cache; MoE layers come back through split()."""
+        """The model's forward over the fixed cache; MoE layers come back through split(), blocks'
+        inputs through move()."""
         batch = Batch(self.token, [Seq(self.kv, 0, 1)], None)
+        self.kv.at = self.device
         if self.offload is not None:
             self.offload.graph = self
+        for b in self.blocks:
+            b.move = self.move
         try:
             return self.forward(batch)
         finally:
             if self.offload is not None:
                 self.offload.graph = None
+            for b in self.blocks:
+                b.move = to_device
+
+    def move(self, args: tuple, device: torch.device) -> tuple:
+        """A block's inputs to its device; while recording, a new device ends one graph and starts the
+        next (a Hop)."""
+        self.kv.at = device
+        if self.recording is None or device == self.recording_on:
+            return to_device(args, device)
+        self._end_segment()
+        moved = to_device(args, device)  # buffers the next graph reads, made outside any graph
+        self.order.append(Hop(_tensors(args), _tensors(moved)))
+        self._begin_segment(device)
+        return moved
 
     def split(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Offload.run's work for this step: the device part in graph B, the host part between graphs."""
@@ -224,7 +290,7 @@ class DecodeGraph:
         """From A's end to the next A: launch the device part, compute the cold experts meanwhile."""
         off = self.offload
         if c.sent is not None:
-            c.sent.record()
+            c.sent.record(torch.cuda.current_stream(c.x_device.device))
         with off.lock:  # the table B reads and the host's copy of it agree: moves wait for both
             gpu_out = device_part()
             resident = off.resident(layer)
@@ -248,26 +314,35 @@ class DecodeGraph:
 
     # --- recording and replaying --------------------------------------------------------------------
 
+    def _side(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self.sides:
+            self.sides[device] = side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+        return self.sides[device]
+
+    def _sync(self) -> None:
+        """Every device's own stream after the side streams' work, and the host after both."""
+        for device, side in self.sides.items():
+            torch.cuda.current_stream(device).wait_stream(side)
+            torch.cuda.synchronize(device)
+
     def _first_step(self) -> torch.Tensor:
         """Run the step eagerly (kernels compile and tune), then record it; a step that cannot be
         recorded leaves decode on the eager path, with a warning saying why."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(self._side(self.device)):
             logits = self._run().clone()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        self._record(side)
+        self._sync()
+        self._record()
         return logits
 
-    def _record(self, side: torch.cuda.Stream) -> None:
+    def _record(self) -> None:
         if self.offload is not None:
             self.offload.wait_idle()  # no copies in flight while recording
         self.pool = torch.cuda.graph_pool_handle()
         lock = self.offload.lock if self.offload is not None else contextlib.nullcontext()
         try:
-            with lock, torch.cuda.stream(side):
-                self._begin_segment()
+            with lock, contextlib.ExitStack() as self.streams:
+                self._begin_segment(self.device)
                 self.logits = self._run()
                 self._end_segment()
         except Exception as e:  # an op that cannot be captured: this model decodes eagerly
@@ -280,10 +355,13 @@ class DecodeGraph:
             warnings.warn(
                 f"CUDA graphs are off for this model, decode runs eagerly: {self.failed}", stacklevel=3
             )
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
+        self.streams, self.recording_on = None, None
+        self._sync()
 
-    def _begin_segment(self) -> None:
+    def _begin_segment(self, device: torch.device) -> None:
+        if device != self.recording_on:  # its side stream current (and so the device) until recorded
+            self.streams.enter_context(torch.cuda.stream(self._side(device)))
+            self.recording_on = device
         self.recording = torch.cuda.CUDAGraph()
         # thread-local: the cache's mover thread may copy experts (on its own stream) meanwhile
         self.recording.capture_begin(pool=self.pool, capture_error_mode="thread_local")
@@ -291,11 +369,11 @@ class DecodeGraph:
     def _end_segment(self) -> None:
         graph, self.recording = self.recording, None
         graph.capture_end()
-        self.segments.append(graph)
+        self.segments.append((self.recording_on, graph))
 
     def _next_segment(self) -> None:
         self._end_segment()
-        self._begin_segment()
+        self._begin_segment(self.recording_on)
 
     def _replay(self) -> torch.Tensor:
         t = self.times
@@ -303,27 +381,36 @@ class DecodeGraph:
         segments = iter(self.segments)
         marks = [] if t is not None else None  # (kind, start, end) events of each graph, to time it
         self._launch(next(segments), marks, "gpu_dense")
-        for layer in self.order:
-            b = next(segments)
-            self._cross(layer, self.crossings[layer], lambda b=b: self._launch(b, marks, "gpu_experts"))
+        for between in self.order:
+            if isinstance(between, Hop):
+                between.copy()
+            else:
+                b = next(segments)
+                self._cross(
+                    between, self.crossings[between], lambda b=b: self._launch(b, marks, "gpu_experts")
+                )
             self._launch(next(segments), marks, "gpu_dense")
         self.replays += 1
         if t is not None:
             t1 = time.perf_counter()
-            torch.cuda.current_stream(self.device).synchronize()  # the caller would wait for the logits
+            # the caller would wait for the logits
+            torch.cuda.current_stream(self.logits.device).synchronize()
             t.wait += time.perf_counter() - t1
             self._account(marks, time.perf_counter() - t0)
         return self.logits
 
-    def _launch(self, graph: torch.cuda.CUDAGraph, marks: list | None, kind: str) -> None:
+    def _launch(self, segment: tuple, marks: list | None, kind: str) -> None:
+        """Replay a (device, graph) segment, timed into marks where profiling."""
+        device, graph = segment
         t0 = time.perf_counter()
-        if marks is None:
+        with torch.cuda.device(device):  # a graph replays on the current device's stream
+            if marks is None:
+                graph.replay()
+                return
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             graph.replay()
-            return
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
+            end.record()
         marks.append((kind, start, end))
         self.times.launch += time.perf_counter() - t0
 
@@ -345,13 +432,12 @@ class DecodeGraph:
 
 
 def for_model(model, offload, devices: list[str], ctx: int, forward: Callable) -> DecodeGraph | None:
-    """A DecodeGraph where its graphs serve: the whole model on one CUDA device, quantized expert slots
-    (or none), and DSRUN_CUDA_GRAPHS not 0. Else None: decode stays eager."""
-    if os.environ.get("DSRUN_CUDA_GRAPHS", "1") == "0" or len(set(devices)) != 1:
+    """A DecodeGraph where its graphs serve: the model's layers on CUDA devices (one or several),
+    quantized expert slots (or none), and DSRUN_CUDA_GRAPHS not 0. Else None: decode stays eager."""
+    if os.environ.get("DSRUN_CUDA_GRAPHS", "1") == "0":
         return None
-    device = torch.device(devices[0])
-    if device.type != "cuda":
+    if any(torch.device(d).type != "cuda" for d in devices):
         return None
     if offload is not None and any(not s.quantized for s in offload.slots.values()):
         return None  # dense slots run expert by expert, from host-side tables
-    return DecodeGraph(forward, offload, ctx, device)
+    return DecodeGraph(forward, offload, ctx, devices, blocks=model.blocks)
