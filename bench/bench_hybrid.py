@@ -375,7 +375,9 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=48)
     p.add_argument("--prefill", default="256", help="prompt lengths for prefill, comma-separated")
     p.add_argument("--routings", default="skewed,uniform")
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument(
+        "--configs", default=",".join(CONFIGS), help="dsrun configurations to run (none: only llama.cpp)"
+    )
     p.add_argument("--parity", action="store_true", help="also compare GPU and CPU logits")
     p.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench built with CUDA")
     p.add_argument(
@@ -402,6 +404,7 @@ def main() -> None:
     long_prompts = [rng.integers(100, 40000, int(n)).tolist() for n in args.prefill.split(",")]
     report = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "args": vars(args),
         "results": {},
     }
@@ -412,7 +415,7 @@ def main() -> None:
     routings = args.routings.split(",")
     gpu_counts = [int(n) for n in args.gpus.split(",")]
     for routing, config, graphs, n_gpus in itertools.product(
-        routings, args.configs.split(","), args.graphs.split(","), gpu_counts
+        routings, [c for c in args.configs.split(",") if c], args.graphs.split(","), gpu_counts
     ):
         os.environ["DSRUN_CUDA_GRAPHS"] = "1" if graphs == "on" else "0"
         r = run_config(path, config, routing, args, prompt, long_prompts, n_gpus)
