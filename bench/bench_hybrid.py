@@ -217,10 +217,17 @@ def gpu_options(args, n_gpus: int = 1) -> dict:
     return {"device_map": {f"cuda:{i}": "cpu" for i in range(n_gpus)}, "quantized_slots": True}
 
 
-def gpu_peaks_gib() -> list[float]:
-    """The most memory torch reserved on each GPU since the last reset."""
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return [round(torch.cuda.max_memory_reserved(i) / 2**30, 2) for i in range(n)]
+def gib(n: int) -> float:
+    return round(n / 2**30, 2)
+
+
+def gpu_memory(planned: dict) -> dict:
+    """Per planned GPU: its budget, what the plan counted, and the most torch allocated and reserved."""
+    for device, row in planned.items():
+        if torch.cuda.is_available() and device.startswith("cuda"):
+            row["torch_peak_allocated_gib"] = gib(torch.cuda.max_memory_allocated(device))
+            row["torch_peak_reserved_gib"] = gib(torch.cuda.max_memory_reserved(device))
+    return planned
 
 
 def greedy_tokens(eng, prompt: list[int], n: int) -> tuple[list[int], float]:
@@ -290,9 +297,21 @@ def run_config(
     long_prompts: list[list[int]],
     n_gpus: int = 1,
 ) -> dict:
+    with GPUMemoryPeaks(n_gpus) as peaks:
+        result = measure_config(path, config, routing, args, prompt, long_prompts, n_gpus)
+    result["gpu_peak_gib"] = peaks.gib()  # all the process added on each card, as llama.cpp's are counted
+    return result
+
+
+def measure_config(path, config, routing, args, prompt, long_prompts, n_gpus) -> dict:
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         torch.cuda.reset_peak_memory_stats(i)
     eng = load(path, config, args, n_gpus)
+    memory = {
+        t.device: {"budget_gib": gib(t.budget_bytes), "planned_gib": gib(t.used_bytes)}
+        for t in eng.plan.tiers
+        if t.tier == "gpu"
+    }
     if routing == "uniform":
         uniform_routers(eng)
     warm, _ = greedy_tokens(eng, prompt, args.warmup)  # the cache learns from this generation
@@ -315,7 +334,7 @@ def run_config(
         "backend": eng.offload.homes[eng.offload.layers[0]].backend.name,
         "decode_path": eng.stats()["decode"],
         "layer_devices": eng.plan.layer_devices,
-        "gpu_peak_gib": gpu_peaks_gib(),
+        "gpu_memory": gpu_memory(memory),
         "profile_ms_per_token": profile,
         "tokens": tokens,
     }
@@ -426,6 +445,7 @@ def main() -> None:
             f"{name:28s} decode {r['decode_tok_s']:7.2f} tok/s  prefill {r['prefill_tok_s']}"
             f" tok/s  hit {r['hit_rate']:.3f}  gpu experts {r['gpu_experts']}/{r['experts_total']}"
             f"  promotions {r['promotions']}  ({r['backend']})  GPU peaks {r['gpu_peak_gib']} GiB"
+            f"  memory {r['gpu_memory']}"
             f"  profile {r['profile_ms_per_token']}",
             flush=True,
         )

@@ -226,7 +226,7 @@ class DeviceExpertSlots:
 
     def _staging(self) -> list[Staged]:
         if not self.staging:
-            n = max(1, STAGE_BYTES // self.slot_bytes)
+            n = max(1, min(STAGE_BYTES // self.slot_bytes, self.table.shape[1]))  # at most a layer's experts
             self.staging = [Staged(self, n) for _ in range(2)]
         return self.staging
 

@@ -59,6 +59,8 @@ QUANT_TYPES: frozenset[GGMLQuantizationType] = frozenset(_LAYOUTS)
 
 STEP = 256  # weights per kernel step: one K-quant super-block, eight 32-weight blocks
 FUSED_MAX_T = 16  # up to this many tokens the fused kernel; more: dequantize + cuBLAS
+# the most a dequantized matrix takes at once: a larger one (a vocabulary's head) goes in slices of rows
+MAX_SCRATCH_BYTES = 256 << 20
 DOT_FROM_T = 4  # from this many tokens the fused kernel uses tl.dot (tokens padded to 16); tune on H100
 POOL_ALIGN = 256  # slot rows start 256-byte aligned, so every slot's loads vectorize alike
 INT8_X_TYPES = frozenset({Q.Q4_K})  # kernels that can take x as int8 words (_q4k_words)
@@ -916,7 +918,12 @@ class _MatmulPlan:
             self.path = "torch"
         elif T > FUSED_MAX_T:
             self.path = "dequant"
-            self.dequant = _dequant_plan(qtype, n_out, n_in, dtype, device)
+            rows = max(1, MAX_SCRATCH_BYTES // (dtype.itemsize * n_in))
+            self.slices = [(r0, min(n_out, r0 + rows)) for r0 in range(0, n_out, rows)]
+            self.dequant = {
+                r1 - r0: _dequant_plan(qtype, r1 - r0, n_in, dtype, device) for r0, r1 in self.slices
+            }
+            self.row_bytes = matrix_nbytes(qtype, 1, n_in)
         else:
             self.path = "fused"
             n_steps = triton.cdiv(n_in, STEP)
@@ -978,16 +985,23 @@ class _MatmulPlan:
                 self.reduce(self.partials, out)
             return out
         x2 = x.view(-1, self.n_in)  # (T, K)
-        if self.path == "dequant":
-            n = self.n_out * self.n_in
-            wd = _scratch(self.device, self.dtype, n) if scratch is None else scratch[:n]
-            wd = wd.view(self.n_out, self.n_in)  # (N, K)
-            self.dequant(w, wd, aligned=not (w.data_ptr() | wd.data_ptr()) & 15)
-            return (x2 @ wd.T).view(self.out_shape)
+        if self.path == "dequant":  # each slice's product is queued before the next reuses the scratch
+            parts = [x2 @ self._dequantized(w, r0, r1, scratch).T for r0, r1 in self.slices]  # (T, n) each
+            return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).view(self.out_shape)
         if self.path == "empty":
             return x.new_empty(self.out_shape)
         wf = _dequant_torch(w, self.qtype, self.n_out, self.n_in)  # (N, K)
         return (x2.float() @ wf.T).to(self.dtype).view(self.out_shape)
+
+    def _dequantized(self, w: torch.Tensor, r0: int, r1: int, scratch: torch.Tensor | None) -> torch.Tensor:
+        """Rows [r0, r1) of W, dequantized into the scratch: (r1 - r0, K)."""
+        n = (r1 - r0) * self.n_in
+        wd = (_scratch(self.device, self.dtype, n) if scratch is None else scratch[:n]).view(
+            r1 - r0, self.n_in
+        )
+        rows = w[r0 * self.row_bytes : r1 * self.row_bytes]
+        self.dequant[r1 - r0](rows, wd, aligned=not (rows.data_ptr() | wd.data_ptr()) & 15)
+        return wd
 
 
 def _dequant_plan(qtype, n_out: int, n_in: int, dtype: torch.dtype, device: torch.device) -> _Launch:

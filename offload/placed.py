@@ -287,8 +287,9 @@ class Offload:
         nxt = next((i for i in self.layers if i > layer), None)
         if nxt is None or nxt not in self.routers or self.homes[nxt].ram_mask.all():
             return  # (all in RAM: nothing to page in, and the guess would cost a wait for the device)
-        with torch.no_grad():
-            ids, _ = self.routers[nxt].route(x)
+        router = self.routers[nxt]
+        with torch.no_grad():  # the next layer may sit on another GPU
+            ids, _ = router.route(x.to(router.ffn_gate_inp.device, non_blocking=True))
         guess = set(ids.cpu().flatten().tolist())
         self.predicted[nxt] = guess
         home = self.homes[nxt]

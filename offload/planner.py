@@ -105,6 +105,9 @@ class ModelSizes:
     output_bytes: int = 0  # output projection, final norm and the other global tensors
     tied_embeddings: bool = False  # no output.weight: the logits read the whole token_embd
     experts_used: int = 0  # routed experts each token goes through in each MoE layer (top-k)
+    # on each GPU that holds layers, what a forward allocates besides weights and KV cache (a prefill
+    # chunk's activations, scratch, staging): a budget is all dsrun allocates there
+    workspace_bytes: int = 0
 
     @property
     def experts_total(self) -> int:
@@ -211,13 +214,14 @@ class Tier:
     layers: list[int] = field(default_factory=list)  # layers whose resident tensors and KV cache live here
     weight_bytes: int = 0  # resident tensors
     kv_bytes: int = 0
+    workspace_bytes: int = 0
     experts: int = 0
     expert_bytes: int = 0
     read_bytes_per_token: float = 0.0  # expected bytes a decode step reads here, KV cache full
 
     @property
     def used_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.expert_bytes
+        return self.weight_bytes + self.kv_bytes + self.workspace_bytes + self.expert_bytes
 
     @property
     def free_bytes(self) -> float:
@@ -233,6 +237,7 @@ class Tier:
             "layers": self.layers,
             "weight_bytes": self.weight_bytes,
             "kv_bytes": self.kv_bytes,
+            "workspace_bytes": self.workspace_bytes,
             "expert_bytes": self.expert_bytes,
             "read_bytes_per_token": round(self.read_bytes_per_token),
         }
@@ -357,6 +362,9 @@ def hold_resident(sizes: ModelSizes, layer_devices: list[str], tiers: dict[str, 
         tiers[device].kv_bytes += sizes.ctx * layer.kv_bytes_per_token
     tiers[layer_devices[0]].weight_bytes += sizes.input_bytes
     tiers[layer_devices[-1]].weight_bytes += sizes.output_bytes
+    for device in set(layer_devices):
+        if tiers[device].tier == "gpu":
+            tiers[device].workspace_bytes = sizes.workspace_bytes
 
 
 def check_resident_fits(sizes: ModelSizes, tiers) -> None:
@@ -365,7 +373,9 @@ def check_resident_fits(sizes: ModelSizes, tiers) -> None:
         problems = [
             f"{t.device} needs {format_size(t.used_bytes)} for the non-expert tensors of layers "
             f"{layer_ranges(t.layers)} ({format_size(t.weight_bytes)}) and their KV cache at ctx {sizes.ctx} "
-            f"({format_size(t.kv_bytes)}) but its budget is {format_size(t.budget_bytes)}: "
+            f"({format_size(t.kv_bytes)})"
+            + (f" and a forward's workspace ({format_size(t.workspace_bytes)})" if t.workspace_bytes else "")
+            + f" but its budget is {format_size(t.budget_bytes)}: "
             f"{format_size(-t.free_bytes)} short"
             for t in short
         ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -18,13 +19,14 @@ from rich.console import Console
 from rich.table import Table
 
 from .cli import add_model_arguments, print_json
-from .engine import resolve_model
+from .engine import PREFILL_CHUNK, resolve_model
 from .errors import DsrunError, InvalidRequestError
 from .gguf_file import GGUFFile
 from .offload.planner import (
     Bandwidths,
     Budgets,
     DecodeCosts,
+    ModelSizes,
     Plan,
     decode_time,
     format_size,
@@ -84,7 +86,36 @@ def plan_file(f: GGUFFile, *, ctx=4096, gpus="auto", gpu_mem=None, ram=None, pla
     if not isinstance(ctx, int) or ctx < 1:
         raise InvalidRequestError(f"ctx must be a positive number of tokens, not {ctx!r}")
     profile = read_profile(placement) if placement else None
-    return plan(model_sizes(f, ctx), resolve_budgets(gpus, gpu_mem, ram), profile)
+    sizes = model_sizes(f, ctx)
+    sizes = dataclasses.replace(sizes, workspace_bytes=gpu_workspace_bytes(f, sizes))
+    return plan(sizes, resolve_budgets(gpus, gpu_mem, ram), profile)
+
+
+def gpu_workspace_bytes(f: GGUFFile, sizes: ModelSizes) -> int:
+    """What a GPU holding layers allocates besides weights and KV cache, at most: a prefill chunk's
+    attention over the whole context (SDPA's math path holds a mask, an additive mask, scores and their
+    softmax: 16 bytes a score), the dequantize scratch of a layer's largest quantized matrix, and the two
+    staging pools that stream cold experts in. Not in it: the CUDA context (~0.5 GiB), and the logits of
+    every row of a chunk (`Engine.logits`; generation takes one row's)."""
+    from .models.gguf_matrix import FLOAT_TYPES
+    from .offload.device_slots import STAGE_BYTES
+    from .offload.gpu_quant import MAX_SCRATCH_BYTES
+
+    rows = min(PREFILL_CHUNK, sizes.ctx)
+    n_head = max(as_list(f.require("attention.head_count")))
+    quantized = [  # the layers' own: the head multiplies one row a generated token (many only in logits())
+        t
+        for name, t in f.tensors.items()
+        if name.startswith("blk.") and len(t.shape) == 2 and t.qtype not in FLOAT_TYPES
+    ]
+    scratch = min(MAX_SCRATCH_BYTES, 4 * max((math.prod(t.shape) for t in quantized), default=0))
+    layer_experts = max((layer.n_experts * layer.expert_bytes for layer in sizes.layers), default=0)
+    staging = 2 * min(STAGE_BYTES, layer_experts)
+    return 16 * rows * sizes.ctx * n_head + scratch + staging
+
+
+def as_list(value: int | list) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
 
 
 def resolve_budgets(gpus="auto", gpu_mem=None, ram=None) -> Budgets:

@@ -38,15 +38,18 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def gpu_mem(q8_moe) -> int:
-    """A "GPU" budget with room for the non-expert tensors, the KV cache and 6 of the 32 experts."""
+    """A "GPU" budget with room for the non-expert tensors, the KV cache, a forward's workspace and 6 of
+    the 32 experts."""
     from dsrun.gguf_file import GGUFFile
     from dsrun.offload.planner import model_sizes
+    from dsrun.plan import gpu_workspace_bytes
 
     eng = dsrun.load(q8_moe, ctx=128, gpus=[0], gpu_mem="64MiB", ram="1MiB", offload_options=FAKE_GPU)
     slot = next(iter(eng.offload.slots.values())).slot_bytes
     eng.close()
-    sizes = model_sizes(GGUFFile(q8_moe), 128)
-    return sizes.resident_bytes + sizes.kv_cache_bytes + 6 * slot
+    f = GGUFFile(q8_moe)
+    sizes = model_sizes(f, 128)
+    return sizes.resident_bytes + sizes.kv_cache_bytes + gpu_workspace_bytes(f, sizes) + 6 * slot
 
 
 def load(path, gpu_mem: int) -> dsrun.Engine:

@@ -167,7 +167,6 @@ def test_two_gpus_decode_and_prefill_equal_the_f32_path(quantized_model, monkeyp
         monkeypatch.setenv("DSRUN_CUDA_GRAPHS", graphs)
         eng = dsrun.load(path, ctx=256, gpus=[0, 1], gpu_mem="4GiB", offload_options={"background": False})
         assert set(eng.plan.layer_devices) == {"cuda:0", "cuda:1"}
-        assert {str(p.device) for p in eng.offload.slots.values()} == {"cuda:0", "cuda:1"}
         half_resident(eng)
         ours = {"decode": incremental_logits(eng.model, PROMPT), "prefill": eng.logits(prompt)}
         for kind in ours:
@@ -175,5 +174,6 @@ def test_two_gpus_decode_and_prefill_equal_the_f32_path(quantized_model, monkeyp
             assert report.ok, f"{kind}, graphs {graphs}: {report}"
         c = eng.offload.counters
         assert c.device_assignments > 0 and c.cpu_assignments > 0
-    assert eng.decoder.report()["replays"] == len(PROMPT) - 2
+    decode = eng.decoder.report()
+    assert decode["cuda_graphs"] and decode["replays"] == len(PROMPT) - 2, decode["off_because"]
     assert sum(isinstance(b, Hop) for b in eng.decoder.order) == 1

@@ -173,6 +173,19 @@ def test_matmul_f32_tokens(device, qtype, T):
     assert_product(y, x, ref, int8_x((qtype,), x, device, T))
 
 
+@pytest.mark.parametrize("device", TRITON_BACKENDS, indirect=True)
+def test_a_matrix_larger_than_the_scratch_is_dequantized_in_slices_of_rows(device, monkeypatch):
+    """A head of a vocabulary's rows would take GBs dequantized at once: three slices (one ragged)."""
+    monkeypatch.setattr(gq, "_PLANS", {})
+    monkeypatch.setattr(gq, "MAX_SCRATCH_BYTES", 40 * 512 * 2)  # 40 bf16 rows
+    w, ref = matrix(Q.Q4_K, 96, 512, seed=3)
+    x = tokens(gq.FUSED_MAX_T + 8, 512, torch.bfloat16)
+    y = gq.quantized_matmul(x.to(device), w.to(device), Q.Q4_K, 96, 512)
+    (plan,) = (p for key, p in gq._PLANS.items() if key[0] == "matmul")
+    assert plan.slices == [(0, 40), (40, 80), (80, 96)]
+    assert_product(y, x, ref)
+
+
 @pytest.mark.parametrize(
     "qtype, n_in",
     [(Q.Q4_0, 512), (Q.Q5_K, 512), (Q.Q6_K, 512), (Q.Q8_0, 1408), (Q.Q4_0, 1408)],

@@ -29,14 +29,17 @@ def moe_gguf(tmp_path_factory):
 @pytest.fixture(scope="module")
 def budgets(moe_gguf):
     """RAM that holds the non-expert tensors and KV cache and not one expert; a GPU budget with room
-    for 6 expert slots (F32 slots on the CPU stand-in) beyond those."""
+    for 6 expert slots (F32 slots on the CPU stand-in) beyond those and a forward's workspace."""
     from dsrun.gguf_file import GGUFFile
     from dsrun.offload.planner import model_sizes
+    from dsrun.plan import gpu_workspace_bytes
 
-    sizes = model_sizes(GGUFFile(moe_gguf), 256)
+    f = GGUFFile(moe_gguf)
+    sizes = model_sizes(f, 256)
     need = sizes.resident_bytes + sizes.kv_cache_bytes
+    gpu_need = need + gpu_workspace_bytes(f, sizes)
     slot = 3 * 256 * 256 * 4
-    return {"starved_ram": need, "gpu": {"gpus": [0], "gpu_mem": need + 6 * slot, "ram": "1MiB"}}
+    return {"starved_ram": need, "gpu": {"gpus": [0], "gpu_mem": gpu_need + 6 * slot, "ram": "1MiB"}}
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -145,6 +146,20 @@ def test_too_small_a_budget_says_what_is_missing_and_by_how_much():
     assert "cuda:0 needs 3.3 KiB for the non-expert tensors of layers 0-2" in message
     assert "cuda:1" in message and "layers" in message and "KV cache at ctx 10" in message
     assert "short" in message and "--gpu-mem" in message
+
+
+def test_each_gpu_keeps_a_forwards_workspace_out_of_its_experts_room():
+    """A budget is all dsrun allocates on a GPU: the workspace comes off each GPU that holds layers (and
+    not off RAM), leaving fewer experts there; a budget short of it says so."""
+    sizes = moe_sizes(n_layers=8, n_experts=4)
+    budgets = Budgets({"cuda:0": 6 * 1100 + 2000, "cuda:1": 2 * 1100 + 700}, ram=GIB)
+    without = plan(sizes, budgets)
+    p = plan(dataclasses.replace(sizes, workspace_bytes=300), budgets)
+    assert [t.workspace_bytes for t in p.tiers] == [300, 300, 0, 0]
+    assert p.tier("cuda:0").experts == without.tier("cuda:0").experts - 3  # 3 experts of 100 bytes
+    assert all(t.used_bytes <= t.budget_bytes for t in p.tiers[:2])
+    with pytest.raises(MemoryBudgetError, match=r"workspace \(2.0 KiB\)"):
+        plan(dataclasses.replace(sizes, workspace_bytes=2048), budgets)
 
 
 def test_without_gpus_the_resident_part_must_fit_ram():
