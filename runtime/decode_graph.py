@@ -209,6 +209,7 @@ class DecodeGraph:
         self.recording_on: torch.device | None = None
         self.sides: dict[torch.device, torch.cuda.Stream] = {}  # the streams graphs are recorded on
         self.streams: contextlib.ExitStack | None = None  # the side streams made current while recording
+        self.pools: dict = {}
         self.failed: str | None = None
         self.replays = 0
         self.times: StepTimes | None = None  # set to a StepTimes to profile replays
@@ -338,33 +339,35 @@ class DecodeGraph:
     def _record(self) -> None:
         if self.offload is not None:
             self.offload.wait_idle()  # no copies in flight while recording
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pools = {}  # a graph memory pool per device, shared by its segments
         lock = self.offload.lock if self.offload is not None else contextlib.nullcontext()
-        try:
-            with lock, contextlib.ExitStack() as self.streams:
+        with lock, contextlib.ExitStack() as self.streams:
+            try:
                 self._begin_segment(self.device)
                 self.logits = self._run()
                 self._end_segment()
-        except Exception as e:  # an op that cannot be captured: this model decodes eagerly
-            if self.recording is not None:
-                with contextlib.suppress(Exception):
-                    self.recording.capture_end()
-                self.recording = None
-            self.segments, self.order, self.logits = [], [], None
-            self.failed = f"{type(e).__name__}: {e}"
-            warnings.warn(
-                f"CUDA graphs are off for this model, decode runs eagerly: {self.failed}", stacklevel=3
-            )
+            except Exception as e:  # an op that cannot be captured: this model decodes eagerly
+                self._give_up(e)  # while the capture's own stream is still current: it ends there
         self.streams, self.recording_on = None, None
         self._sync()
+
+    def _give_up(self, e: Exception) -> None:
+        if self.recording is not None:
+            with contextlib.suppress(Exception):
+                self.recording.capture_end()
+            self.recording = None
+        self.segments, self.order, self.logits = [], [], None
+        self.failed = f"{type(e).__name__}: {e}"
+        warnings.warn(f"CUDA graphs are off for this model, decode runs eagerly: {self.failed}", stacklevel=4)
 
     def _begin_segment(self, device: torch.device) -> None:
         if device != self.recording_on:  # its side stream current (and so the device) until recorded
             self.streams.enter_context(torch.cuda.stream(self._side(device)))
             self.recording_on = device
+        pool = self.pools.setdefault(device, torch.cuda.graph_pool_handle())
         self.recording = torch.cuda.CUDAGraph()
         # thread-local: the cache's mover thread may copy experts (on its own stream) meanwhile
-        self.recording.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+        self.recording.capture_begin(pool=pool, capture_error_mode="thread_local")
 
     def _end_segment(self) -> None:
         graph, self.recording = self.recording, None

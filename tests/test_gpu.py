@@ -177,3 +177,30 @@ def test_two_gpus_decode_and_prefill_equal_the_f32_path(quantized_model, monkeyp
     decode = eng.decoder.report()
     assert decode["cuda_graphs"] and decode["replays"] == len(PROMPT) - 2, decode["off_because"]
     assert sum(isinstance(b, Hop) for b in eng.decoder.order) == 1
+
+
+def test_a_step_that_cannot_be_recorded_decodes_eagerly(quantized_model, monkeypatch):
+    """An op that fails while the step is captured: the capture ends on its own stream, a warning says
+    why, and decode goes on eagerly with the same logits as a load that never records."""
+    import torch
+    from parity import compare, incremental_logits
+
+    path, tau = quantized_model
+    monkeypatch.setenv("DSRUN_CUDA_GRAPHS", "0")
+    reference = incremental_logits(dsrun.load(path, ctx=128, gpus=[0], gpu_mem="4GiB").model, PROMPT)
+    monkeypatch.setenv("DSRUN_CUDA_GRAPHS", "1")
+    eng = dsrun.load(path, ctx=128, gpus=[0], gpu_mem="4GiB")
+    forward = eng.decoder.forward
+
+    def fails_in_capture(batch):
+        out = forward(batch)
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("not capturable")
+        return out
+
+    eng.decoder.forward = fails_in_capture
+    with pytest.warns(UserWarning, match="not capturable"):
+        ours = incremental_logits(eng.model, PROMPT)
+    assert not eng.decoder.report()["cuda_graphs"] and "not capturable" in eng.decoder.report()["off_because"]
+    report = compare(ours, reference, tau)
+    assert report.ok, str(report)
