@@ -122,6 +122,8 @@ class Engine:
         check_quant_types(self.file)
         self.config = module.Config.from_gguf(self.file)
         self.plan = plan_file(self.file, ctx=ctx, gpus=gpus, gpu_mem=gpu_mem, ram=ram, placement=placement)
+        if gpu_mem is not None:
+            hold_torch_to_budgets(self.plan)
         self.model = module.Model(self.config, self.file)
         options = dict(offload_options or {})
         if cpu_backend is not None or "backend" not in options:
@@ -316,6 +318,17 @@ class Engine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def hold_torch_to_budgets(plan) -> None:
+    """A budget given is a card's size (a 24 GiB consumer GPU): torch's caching allocator is held to it on
+    each GPU, so it frees cached blocks rather than reserve past it (the plan keeps what is allocated
+    within it). Process-wide: the last engine loaded sets it. The CUDA context stays outside."""
+    for tier in plan.tiers:
+        index = int(tier.device.partition(":")[2] or -1) if tier.tier == "gpu" else -1
+        if 0 <= index < (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, tier.budget_bytes / total), index)
 
 
 def load(

@@ -204,3 +204,16 @@ def test_a_step_that_cannot_be_recorded_decodes_eagerly(quantized_model, monkeyp
     assert not eng.decoder.report()["cuda_graphs"] and "not capturable" in eng.decoder.report()["off_because"]
     report = compare(ours, reference, tau)
     assert report.ok, str(report)
+
+
+def test_a_budget_given_holds_torch_to_it(quantized_model):
+    """gpu_mem as a card's size: torch's allocator on that GPU may not grow past it."""
+    import torch
+
+    eng = dsrun.load(quantized_model[0], ctx=128, gpus=[0], gpu_mem="4GiB")
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(5 << 30, dtype=torch.uint8, device="cuda:0")
+    finally:
+        eng.close()
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
