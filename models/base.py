@@ -206,6 +206,28 @@ def causal_mask(
     return torch.arange(total, device=device)[None, :] <= q_pos
 
 
+# the most a block of new rows' float32 attention scores (H, rows, N) takes: a long prompt's rows go in
+# blocks, so a GPU's workspace does not grow with prompt chunk times context (dsrun.plan counts it)
+SCORES_BYTES = 256 << 20
+
+
+def query_rows(n_head: int, n_keys: int) -> int:
+    """Rows of a query block whose scores over n_keys positions stay within SCORES_BYTES."""
+    return max(1, SCORES_BYTES // (4 * n_head * n_keys))
+
+
+def by_query_blocks(attention, q: torch.Tensor, n_keys: int, start: int | torch.Tensor) -> torch.Tensor:
+    """attention(q_block, keys it sees, block start) over blocks of q's rows (n, H, ...), each reading
+    only the cached positions it can see (causal); q whole where it fits, or where start is on the device
+    (a recorded decode step)."""
+    n, H = q.shape[:2]
+    rows = query_rows(H, n_keys)
+    if n <= rows or torch.is_tensor(start):
+        return attention(q, n_keys, start)
+    blocks = [attention(q[i : i + rows], min(n_keys, start + i + rows), start + i) for i in range(0, n, rows)]
+    return torch.cat(blocks)  # (n, H, ...)
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -213,6 +235,15 @@ def attend(
 
     q (n, H, Dk); k (N, G, Dk); v (N, G, Dv) with H a multiple of G; returns (n, H, Dv).
     """
+    return by_query_blocks(
+        lambda qb, n_keys, s: attend_block(qb, k[:n_keys], v[:n_keys], s, scale), q, k.shape[0], start
+    )
+
+
+def attend_block(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor, scale: float
+) -> torch.Tensor:
+    """attend for rows whose scores fit at once."""
     n, H, G = q.shape[0], q.shape[1], k.shape[1]
     # one new row sees the whole cache: no mask (but a start on the device is a captured step over a
     # cache of fixed length, not yet written past it); grouped-query heads map in the kernel

@@ -27,6 +27,7 @@ from .base import (
     PreNormBlock,
     apply_rope,
     attend_one_row,
+    by_query_blocks,
     causal_mask,
     load_linear,
     load_weight,
@@ -147,6 +148,15 @@ def attend_latent(
 
     q (n, H, C + R); kv (N, C + R), whose first C columns are also the values; returns (n, H, C).
     """
+    return by_query_blocks(
+        lambda qb, n_keys, s: attend_latent_block(qb, kv[:n_keys], n_latent, s, scale), q, kv.shape[0], start
+    )
+
+
+def attend_latent_block(
+    q: torch.Tensor, kv: torch.Tensor, n_latent: int, start: int | torch.Tensor, scale: float
+) -> torch.Tensor:
+    """attend_latent for rows whose scores fit at once."""
     n, H, width = q.shape
     # one new row sees the whole cache: no mask (building one cost more than the attention at decode);
     # but a start on the device is a recorded step over a fixed-length cache, not written past it

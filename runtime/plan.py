@@ -92,17 +92,19 @@ def plan_file(f: GGUFFile, *, ctx=4096, gpus="auto", gpu_mem=None, ram=None, pla
 
 
 def gpu_workspace_bytes(f: GGUFFile, sizes: ModelSizes) -> int:
-    """What a GPU holding layers allocates besides weights and KV cache, at most: a prefill chunk's
-    attention over the whole context (SDPA's math path holds a mask, an additive mask, scores and their
-    softmax: 16 bytes a score), the dequantize scratch of a layer's largest quantized matrix, and the two
-    staging pools that stream cold experts in. Not in it: the CUDA context (~0.5 GiB), and the logits of
-    every row of a chunk (`Engine.logits`; generation takes one row's)."""
+    """What a GPU holding layers allocates besides weights and KV cache, at most: a block of a prefill
+    chunk's attention over the whole context (SDPA's math path holds a mask, an additive mask, scores and
+    their softmax: 16 bytes a score; models.base.SCORES_BYTES bounds the block), the dequantize scratch
+    of a layer's largest quantized matrix, and the two staging pools that stream cold experts in. Not in
+    it: the CUDA context (~0.5 GiB), and the logits of every row of a chunk (`Engine.logits`; generation
+    takes one row's)."""
+    from .models.base import query_rows
     from .models.gguf_matrix import FLOAT_TYPES
     from .offload.device_slots import STAGE_BYTES
     from .offload.gpu_quant import MAX_SCRATCH_BYTES
 
-    rows = min(PREFILL_CHUNK, sizes.ctx)
     n_head = max(as_list(f.require("attention.head_count")))
+    rows = min(PREFILL_CHUNK, sizes.ctx, query_rows(n_head, sizes.ctx))  # a block of them at a time
     quantized = [  # the layers' own: the head multiplies one row a generated token (many only in logits())
         t
         for name, t in f.tensors.items()
