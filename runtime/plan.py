@@ -94,10 +94,11 @@ def plan_file(f: GGUFFile, *, ctx=4096, gpus="auto", gpu_mem=None, ram=None, pla
 def gpu_workspace_bytes(f: GGUFFile, sizes: ModelSizes) -> int:
     """What a GPU holding layers allocates besides weights and KV cache, at most: a block of a prefill
     chunk's attention over the whole context (SDPA's math path holds a mask, an additive mask, scores and
-    their softmax: 16 bytes a score; models.base.SCORES_BYTES bounds the block), the dequantize scratch
-    of a layer's largest quantized matrix, and the two staging pools that stream cold experts in. Not in
-    it: the CUDA context (~0.5 GiB), and the logits of every row of a chunk (`Engine.logits`; generation
-    takes one row's)."""
+    their softmax: 16 bytes a score; models.base.SCORES_BYTES bounds the block), the chunk's activations
+    (eight float32 tensors of every head's widest row: queries, latents, outputs), the dequantize scratch
+    of a layer's largest quantized matrix in float32 and bf16, and the two staging pools that stream cold
+    experts in. Not in it: the CUDA context (~0.5 GiB), and the logits of every row of a chunk
+    (`Engine.logits`; generation takes one row's). Measured on the H100: docs/benchmarks.md."""
     from .models.base import query_rows
     from .models.gguf_matrix import FLOAT_TYPES
     from .offload.device_slots import STAGE_BYTES
@@ -113,7 +114,17 @@ def gpu_workspace_bytes(f: GGUFFile, sizes: ModelSizes) -> int:
     scratch = min(MAX_SCRATCH_BYTES, 4 * max((math.prod(t.shape) for t in quantized), default=0))
     layer_experts = max((layer.n_experts * layer.expert_bytes for layer in sizes.layers), default=0)
     staging = 2 * min(STAGE_BYTES, layer_experts)
-    return 16 * rows * sizes.ctx * n_head + scratch + staging
+    chunk = min(PREFILL_CHUNK, sizes.ctx)
+    activations = 8 * chunk * n_head * head_width(f) * 4
+    return 16 * rows * sizes.ctx * n_head + activations + 2 * scratch + staging
+
+
+def head_width(f: GGUFFile) -> int:
+    """A head's widest row: MLA's absorbed query (latent and rope parts), else the key length."""
+    if f.get("attention.kv_lora_rank") is not None:
+        return int(f.require("attention.kv_lora_rank")) + int(f.require("rope.dimension_count"))
+    n_head = max(as_list(f.require("attention.head_count")))
+    return int(f.get("attention.key_length", f.require("embedding_length") // n_head))
 
 
 def as_list(value: int | list) -> list[int]:
