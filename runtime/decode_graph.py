@@ -353,7 +353,7 @@ class DecodeGraph:
 
     def _give_up(self, e: Exception) -> None:
         if self.recording is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), torch.cuda.device(self.recording_on):
                 self.recording.capture_end()
             self.recording = None
         self.segments, self.order, self.logits = [], [], None
@@ -366,12 +366,16 @@ class DecodeGraph:
             self.recording_on = device
         pool = self.pools.setdefault(device, torch.cuda.graph_pool_handle())
         self.recording = torch.cuda.CUDAGraph()
-        # thread-local: the cache's mover thread may copy experts (on its own stream) meanwhile
-        self.recording.capture_begin(pool=pool, capture_error_mode="thread_local")
+        # a capture begins and ends on the current device's stream: the block that asked may have left
+        # another device current (OnDevice restores the one before it)
+        with torch.cuda.device(device):
+            # thread-local: the cache's mover thread may copy experts (on its own stream) meanwhile
+            self.recording.capture_begin(pool=pool, capture_error_mode="thread_local")
 
     def _end_segment(self) -> None:
         graph, self.recording = self.recording, None
-        graph.capture_end()
+        with torch.cuda.device(self.recording_on):
+            graph.capture_end()
         self.segments.append((self.recording_on, graph))
 
     def _next_segment(self) -> None:
