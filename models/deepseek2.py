@@ -12,6 +12,7 @@ V vocab.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -36,7 +37,18 @@ from .base import (
     rope_cos_sin,
     rope_inv_freq,
 )
-from .gguf_matrix import linear, linears, load_heads, per_head
+from .gguf_matrix import (
+    GGUFMatrix,
+    Graph,
+    host_float,
+    kept_graph,
+    linear,
+    linears,
+    load_heads,
+    per_head,
+    rms_norm_node,
+    swiglu_node,
+)
 from .moe import MoEFFN, Routing, SwiGLU
 
 YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0  # llama.cpp's YaRN correction range (its defaults)
@@ -224,12 +236,30 @@ class Attention:
         q_latent = per_head(q_nope, self.attn_k_b)  # (T, H, C): k_b folded into q
         q = torch.cat([q_latent, apply_rope(q_pe, cos, sin, neox=False)], dim=-1)  # (T, H, C+R)
         kv_new = torch.cat([latent, k_pe], dim=-1)  # (T, C+R): all this layer caches per token
-        out = torch.empty(x.shape[0], c.n_head, c.kv_lora_rank, device=x.device)  # (T, H, C)
+        heads = per_head(self.attend(q, kv_new, batch, layer, kq_scale), self.attn_v_b)  # (T, H, Dv)
+        return linear(heads.flatten(1), self.attn_output)  # (T, D): v_b folded into the output
+
+    def attend(
+        self, q: torch.Tensor, kv_new: torch.Tensor, batch: Batch, layer: int, kq_scale: float
+    ) -> torch.Tensor:
+        """Each sequence's queries q (T, H, C+R) over its cache, after kv_new (T, C+R) is appended to it:
+        the latent output (T, H, C)."""
+        C = self.cfg.kv_lora_rank
+        out = torch.empty(q.shape[0], self.cfg.n_head, C, device=q.device)  # (T, H, C)
         for s in batch.seqs:
             (kv,) = s.cache.append(layer, kv_new[s.rows])  # (N, C+R)
-            out[s.rows] = attend_latent(q[s.rows], kv, c.kv_lora_rank, s.cache.n, kq_scale)
-        heads = per_head(out, self.attn_v_b)  # (T, H, Dv): v_b folded into the output
-        return linear(heads.flatten(1), self.attn_output)  # (T, D)
+            out[s.rows] = attend_latent(q[s.rows], kv, C, s.cache.n, kq_scale)
+        return out
+
+    def on_ggml(self) -> bool:
+        """Every projection is ggml's (a CPU layer of a quantized file), k_b and v_b too or on the CPU in
+        float32 (the attn_kv_b layout): the layer can run as ggml graphs."""
+        names = ("attn_q_a", "attn_q_b") if self.cfg.q_lora_rank else ("attn_q",)
+        names += ("attn_kv_a_mqa", "attn_output")
+        heads = (self.attn_k_b, self.attn_v_b)
+        return all(isinstance(getattr(self, n), GGUFMatrix) for n in names) and all(
+            isinstance(w, GGUFMatrix) or w.device.type == "cpu" for w in heads
+        )
 
 
 class Block(PreNormBlock):
@@ -239,6 +269,134 @@ class Block(PreNormBlock):
         self.attn = Attention(cfg, f, i)
         self.ffn_norm = load_weight(f, f"blk.{i}.ffn_norm.weight")
         self.ffn = SwiGLU(f, f"blk.{i}.") if i < cfg.n_layer_dense_lead else MoEFFN(f, i, cfg.routing)
+        self.graphs: LayerGraphs | None | bool = False  # made on the first step, once the layer is placed
+
+    def __call__(
+        self, x: torch.Tensor, batch: Batch, layer: int, rope: tuple, kq_scale: float
+    ) -> torch.Tensor:
+        if self.graphs is False:
+            self.graphs = LayerGraphs(self) if x.device.type == "cpu" and LayerGraphs.fits(self) else None
+        if self.graphs is None:
+            return super().__call__(x, batch, layer, rope, kq_scale)
+        q, kv_new = self.graphs.queries(x, batch.positions())
+        out = self.attn.attend(q, kv_new, batch, layer, kq_scale)  # (T, H, C)
+        if isinstance(self.ffn, SwiGLU):
+            return self.graphs.rest(out, x)[0]
+        base, xn, logits = self.graphs.rest(out, x)  # residual + shared experts, normed x, router logits
+        return base + self.ffn.routed(xn, logits)
+
+
+class LayerGraphs:
+    """A CPU block of a quantized file as two ggml graphs around the cached attention, kept per row count
+    for small steps: torch ops between ggml's cost 5-20 us each there, dozens a layer.
+
+    `queries`: x -> attn_norm -> the queries (rope on the last R dims, k_b folded in) and the new cache row
+    (normed latent, roped key). `rest`: the latent attention output -> v_b -> attn_output, + x, ffn_norm,
+    then the dense FFN + residual; or for a MoE layer the residual plus the shared experts, the normed x and
+    the router logits, so only routing and the routed experts run outside.
+    """
+
+    def __init__(self, block: Block):
+        self.attn, self.ffn, self.cfg = block.attn, block.ffn, block.cfg  # not the block: walkers recurse
+        a, ffn, c = block.attn, block.ffn, block.cfg
+        self.attn_norm, self.ffn_norm = host_float(block.attn_norm), host_float(block.ffn_norm)
+        self.kv_a_norm = host_float(a.attn_kv_a_norm)
+        self.q_a_norm = host_float(a.attn_q_a_norm) if c.q_lora_rank else None
+        self.router = host_float(ffn.ffn_gate_inp) if isinstance(ffn, MoEFFN) else None
+        self.k_b, self.v_b = (
+            w if isinstance(w, GGUFMatrix) else host_float(w) for w in (a.attn_k_b, a.attn_v_b)
+        )
+        # ggml turns pair i by position * base^(-2i/R) / factor_i: the factors give YaRN's speeds
+        speeds = yarn_inv_freq(c)  # (R/2,)
+        self.rope_factors = host_float(rope_inv_freq(c.qk_rope_dim, c.rope_base) / speeds)
+        self.rope_magnitude = rope_magnitude_and_kq_scale(c)[0]
+        self.lead = a.attn_q_a if c.q_lora_rank else a.attn_q  # keeps the graphs
+
+    @staticmethod
+    def fits(block: Block) -> bool:
+        """Every matrix is ggml's, and the FFN is one these graphs build (no Qwen-style shared gate)."""
+        ffn = block.ffn
+        if isinstance(ffn, MoEFFN):
+            if ffn.ffn_gate_inp_shexp is not None:
+                return False
+            swiglus = [] if ffn.shexp is None else [ffn.shexp]
+        else:
+            swiglus = [ffn]
+        matrices = [w for m in swiglus for w in vars(m).values()]
+        return block.attn.on_ggml() and all(isinstance(w, GGUFMatrix) for w in matrices)
+
+    def queries(self, x: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
+        """q (T, H, C+R) and the cache rows (T, C+R) of x (T, D) at positions (T,)."""
+        c, T = self.cfg, x.shape[0]
+        inputs = [((T, c.n_embd), torch.float32), ((T,), torch.int32)]
+        outputs = [(T, c.n_head, c.kv_lora_rank + c.qk_rope_dim), (T, c.kv_lora_rank + c.qk_rope_dim)]
+        build = functools.partial(self.build_queries, T)
+        graph = kept_graph(self.lead, ("mla queries", T), T, lambda: Graph(inputs, outputs, build))
+        return graph([x, positions], torch.get_num_threads())
+
+    def rest(self, out: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
+        """The block's output (T, D) from attention's `out` (T, H, C) and the block's input x (T, D); for a
+        MoE layer (x + attention + shared experts, the FFN's normed input, router logits (T, E))."""
+        c, T = self.cfg, x.shape[0]
+        inputs = [((T, c.n_head, c.kv_lora_rank), torch.float32), ((T, c.n_embd), torch.float32)]
+        outputs = [(T, c.n_embd)] + ([(T, c.n_embd), (T, c.n_expert)] if self.router is not None else [])
+        build = functools.partial(self.build_rest, T)
+        graph = kept_graph(self.attn.attn_output, ("mla rest", T), T, lambda: Graph(inputs, outputs, build))
+        return graph([out, x], torch.get_num_threads())
+
+    def build_queries(self, T: int, lib, ctx, x, positions) -> list:
+        """x ne (D, T), positions ne (T,) -> q ne (C+R, H, T), the cache rows ne (C+R, 1, T)."""
+        a, c = self.attn, self.cfg
+        H, C, P, R = c.n_head, c.kv_lora_rank, c.qk_nope_dim, c.qk_rope_dim
+        cur = rms_norm_node(lib, ctx, x, self.attn_norm, c.norm_eps)
+        if c.q_lora_rank:
+            q_a = rms_norm_node(
+                lib, ctx, lib.ggml_mul_mat(ctx, a.attn_q_a.tensor, cur), self.q_a_norm, c.norm_eps
+            )
+            q = lib.ggml_mul_mat(ctx, a.attn_q_b.tensor, q_a)  # ne (H*(P+R), T)
+        else:
+            q = lib.ggml_mul_mat(ctx, a.attn_q.tensor, cur)  # ne (H*(P+R), T)
+        head, row = 4 * (P + R), 4 * (P + R) * H
+        q_nope = lib.ggml_view_3d(ctx, q, P, H, T, head, row, 0)  # ne (P, H, T)
+        q_pe = self.rope(
+            lib, ctx, lib.ggml_view_3d(ctx, q, R, H, T, head, row, 4 * P), positions
+        )  # (R, H, T)
+        q_latent = lib.ggml_mul_mat(
+            ctx, self.k_b.tensor, lib.ggml_permute(ctx, q_nope, 0, 2, 1, 3)
+        )  # (C, T, H)
+        q_out = lib.ggml_concat(ctx, lib.ggml_permute(ctx, q_latent, 0, 2, 1, 3), q_pe, 0)  # ne (C+R, H, T)
+        kv_a = lib.ggml_mul_mat(ctx, a.attn_kv_a_mqa.tensor, cur)  # ne (C+R, T)
+        latent = rms_norm_node(
+            lib, ctx, lib.ggml_view_2d(ctx, kv_a, C, T, 4 * (C + R), 0), self.kv_a_norm, c.norm_eps
+        )
+        k_pe = lib.ggml_view_3d(ctx, kv_a, R, 1, T, 4 * (C + R), 4 * (C + R), 4 * C)  # ne (R, 1, T)
+        kv_new = lib.ggml_concat(
+            ctx, lib.ggml_reshape_3d(ctx, latent, C, 1, T), self.rope(lib, ctx, k_pe, positions), 0
+        )  # ne (C+R, 1, T)
+        return [q_out, kv_new]
+
+    def rope(self, lib, ctx, x, positions):
+        """ggml's NORM-mode rope of x ne (R, heads, T), llama.cpp's rotation for deepseek2."""
+        c = self.cfg
+        return lib.ggml_rope_ext(
+            ctx, x, positions, self.rope_factors.tensor, c.qk_rope_dim, 0, c.yarn_orig_ctx,
+            c.rope_base, 1.0, 0.0, self.rope_magnitude, 0.0, 0.0,
+        )  # fmt: skip
+
+    def build_rest(self, T: int, lib, ctx, out, x) -> list:
+        """out ne (C, H, T), x ne (D, T) -> the outputs `rest` names, each ne (width, T)."""
+        a, ffn, c = self.attn, self.ffn, self.cfg
+        v = lib.ggml_mul_mat(ctx, self.v_b.tensor, lib.ggml_permute(ctx, out, 0, 2, 1, 3))  # ne (Dv, T, H)
+        heads = lib.ggml_cont_2d(ctx, lib.ggml_permute(ctx, v, 0, 2, 1, 3), c.n_head * c.v_head_dim, T)
+        h = lib.ggml_add(ctx, x, lib.ggml_mul_mat(ctx, a.attn_output.tensor, heads))  # ne (D, T)
+        xn = rms_norm_node(lib, ctx, h, self.ffn_norm, c.norm_eps)
+        if self.router is None:
+            return [lib.ggml_add(ctx, h, swiglu_node(lib, ctx, xn, ffn.ffn_gate, ffn.ffn_up, ffn.ffn_down))]
+        base = h
+        if ffn.shexp is not None:
+            s = ffn.shexp
+            base = lib.ggml_add(ctx, h, swiglu_node(lib, ctx, xn, s.ffn_gate, s.ffn_up, s.ffn_down))
+        return [base, xn, lib.ggml_mul_mat(ctx, self.router.tensor, xn)]  # logits ne (E, T)
 
 
 class Model(LanguageModel):

@@ -40,35 +40,52 @@ def available() -> bool:
     return _ggml().ggml() is not None
 
 
-class GGUFMatrix:
+class HostTensor:
+    """Bytes in this process's memory (a mapped GGUF tensor, a float32 weight) with a ggml tensor header
+    over them, nothing copied; `shape` in numpy order. It keeps the bytes: ggml points into them."""
+
+    def __init__(self, data: np.ndarray, qtype: int, shape: Sequence[int], name: str):
+        g = _ggml()
+        lib = g.ggml()
+        self.lib = lib  # kept for __del__, which may run while Python shuts down
+        self.shape = tuple(shape)
+        self.data = g.aligned(data)
+        self.ctx = lib.ggml_init(g.InitParams(g.SCRATCH_OVERHEAD >> 8, None, True))  # one header
+        self.tensor = _new_tensor(lib, self.ctx, qtype, self.shape)
+        self.buffer = lib.ggml_backend_cpu_buffer_from_ptr(self.data.ctypes.data, self.data.nbytes)
+        if lib.ggml_backend_tensor_alloc(self.buffer, self.tensor, self.data.ctypes.data) != 0:
+            raise RuntimeError(f"ggml could not map {name}")
+
+    def __del__(self):
+        if getattr(self, "buffer", None):
+            self.lib.ggml_backend_buffer_free(self.buffer)  # the wrapper only: the bytes are not ggml's
+        if getattr(self, "ctx", None):
+            self.lib.ggml_free(self.ctx)
+
+
+def host_float(t: torch.Tensor) -> HostTensor:
+    """A float32 CPU weight (a norm's, a float router) as a ggml tensor over its memory."""
+    return HostTensor(
+        t.detach().float().contiguous().numpy(), _ggml().GGML_TYPE_F32, t.shape, "a float weight"
+    )
+
+
+def _new_tensor(lib, ctx, qtype: int, shape: Sequence[int]):
+    """A 1-3 dimensional ggml tensor of a numpy-order shape (ggml's ne is the reverse)."""
+    ne = tuple(reversed(shape))
+    new = {1: lib.ggml_new_tensor_1d, 2: lib.ggml_new_tensor_2d, 3: lib.ggml_new_tensor_3d}[len(ne)]
+    return new(ctx, int(qtype), *ne)
+
+
+class GGUFMatrix(HostTensor):
     """An (N, K) quantized weight as it lies in the mapped file, with a ggml tensor header over it; or a
     stack (H, N, K) of one such matrix per head, multiplied by `per_head`."""
 
     def __init__(self, info: TensorInfo):
-        g = _ggml()
-        lib = g.ggml()
-        self.lib = lib  # kept for __del__, which may run while Python shuts down
+        super().__init__(info.data, int(info.qtype), info.shape, info.name)  # (N, K) or (H, N, K)
         self.info = info
-        self.shape = tuple(info.shape)  # (N, K) or (H, N, K)
-        self.data = g.aligned(info.data)  # the file's bytes: must outlive the tensor pointing into them
-        self.ctx = lib.ggml_init(g.InitParams(g.SCRATCH_OVERHEAD >> 8, None, True))  # one header
-        if len(self.shape) == 3:
-            H, N, K = self.shape
-            self.tensor = lib.ggml_new_tensor_3d(self.ctx, int(info.qtype), K, N, H)  # ne (K, N, H)
-        else:
-            N, K = self.shape
-            self.tensor = lib.ggml_new_tensor_2d(self.ctx, int(info.qtype), K, N)  # ne (K, N)
-        self.buffer = lib.ggml_backend_cpu_buffer_from_ptr(self.data.ctypes.data, self.data.nbytes)
-        if lib.ggml_backend_tensor_alloc(self.buffer, self.tensor, self.data.ctypes.data) != 0:
-            raise RuntimeError(f"ggml could not map {info.name}")
         self.graphs: dict[tuple, Graph] = {}  # reused graphs this matrix leads, by (kind, partners, rows)
         self.device = torch.device("cpu")
-
-    def __del__(self):
-        if getattr(self, "buffer", None):
-            self.lib.ggml_backend_buffer_free(self.buffer)  # the wrapper only: the bytes are the file's
-        if getattr(self, "ctx", None):
-            self.lib.ggml_free(self.ctx)
 
     @property
     def nbytes(self) -> int:
@@ -145,38 +162,51 @@ def _quantized(info: TensorInfo, ndim: int) -> GGUFMatrix | None:
     return GGUFMatrix(info)
 
 
-class Graph:
-    """A ggml graph from a (T, K) float32 input to its outputs, in memory of its own.
+GRAPH_SIZE = 96  # tensors and nodes a graph has room for (a fused attention half makes ~30)
+GGML_TYPES = {torch.float32: 0, torch.int32: 26}  # GGML_TYPE_F32, GGML_TYPE_I32
 
-    Everything a call does not change is made once: torch views over the input and the outputs, and the
-    compute plan per thread count, so a call is a copy in, one ggml_graph_compute and a copy out.
+
+class Graph:
+    """A ggml graph from float32/int32 inputs to float32 outputs, its tensors in one buffer of its own.
+
+    Everything a call does not change is made once: torch views over the inputs and the outputs, and the
+    compute plan per thread count, so a call is copies in, one ggml_graph_compute and copies out.
     """
 
-    def __init__(self, in_shape: tuple, out_shapes: Sequence[tuple], floats: int, build: Callable):
-        """in_shape (T, K) or (H, T, K) in torch order; out_shapes likewise; `floats`: what the input,
-        the outputs and the temporaries take."""
+    def __init__(
+        self, inputs: Sequence[tuple[tuple, torch.dtype]], out_shapes: Sequence[tuple], build: Callable
+    ):
+        """inputs: (shape, dtype) of each, shapes in torch order, (T, K) or (H, T, K); out_shapes likewise;
+        build(lib, ctx, *input tensors) -> output tensors."""
         g = _ggml()
         lib = g.ggml()
         self.lib = lib
-        self.memory = np.empty(g.SCRATCH_OVERHEAD + 4 * floats, np.uint8)
-        self.ctx = lib.ggml_init(g.InitParams(self.memory.nbytes, self.memory.ctypes.data, False))
-        ne = tuple(reversed(in_shape))  # ggml's order: (K, T) or (K, T, H)
-        new_tensor = lib.ggml_new_tensor_2d if len(ne) == 2 else lib.ggml_new_tensor_3d
-        self.x = new_tensor(self.ctx, g.GGML_TYPE_F32, *ne)
-        self.outputs = build(lib, self.ctx, self.x)
-        self.graph = lib.ggml_new_graph(self.ctx)
+        size = GRAPH_SIZE * lib.ggml_tensor_overhead() + lib.ggml_graph_overhead_custom(GRAPH_SIZE, False)
+        self.headers = np.empty(size, np.uint8)
+        self.ctx = lib.ggml_init(g.InitParams(size, self.headers.ctypes.data, True))
+        tensors = [_new_tensor(lib, self.ctx, GGML_TYPES[dtype], shape) for shape, dtype in inputs]
+        self.outputs = build(lib, self.ctx, *tensors)
+        self.graph = lib.ggml_new_graph_custom(self.ctx, GRAPH_SIZE, False)
         for out in self.outputs:
             lib.ggml_build_forward_expand(self.graph, out)
-        self.x_in = _float_view(lib, self.x, in_shape)  # over the graph's input
-        self.results = [_float_view(lib, out, shape) for out, shape in zip(self.outputs, out_shapes)]
+        self.buffer = lib.ggml_backend_alloc_ctx_tensors_from_buft(
+            self.ctx, lib.ggml_backend_cpu_buffer_type()
+        )
+        if not self.buffer:
+            raise RuntimeError("ggml could not allocate a graph's tensors")
+        self.inputs = [_view(lib, t, shape, dtype) for t, (shape, dtype) in zip(tensors, inputs)]
+        self.results = [_view(lib, out, shape, torch.float32) for out, shape in zip(self.outputs, out_shapes)]
         self.plans: dict[int, tuple] = {}  # threads -> (plan, the work buffer it points into)
 
     def __del__(self):
+        if getattr(self, "buffer", None):
+            self.lib.ggml_backend_buffer_free(self.buffer)
         if getattr(self, "ctx", None):
             self.lib.ggml_free(self.ctx)
 
-    def __call__(self, x: torch.Tensor, threads: int) -> list[torch.Tensor]:
-        self.x_in.copy_(x.detach())  # to float32 where it is not
+    def __call__(self, inputs: Sequence[torch.Tensor], threads: int) -> list[torch.Tensor]:
+        for view, x in zip(self.inputs, inputs):
+            view.copy_(x.detach())  # to the input's dtype where it is not
         with _WORK_LOCK:
             plan, work = self.plans.get(threads, (None, None))
             if work is not _WORK[0]:  # first call at this thread count, or the work buffer grew since
@@ -195,10 +225,21 @@ class Graph:
         return plan
 
 
-def _float_view(lib, tensor, shape: tuple) -> torch.Tensor:
-    """A float32 ggml tensor's data as a torch tensor sharing its memory."""
-    data = np.ctypeslib.as_array(C.cast(lib.ggml_get_data(tensor), C.POINTER(C.c_float)), shape=shape)
+def _view(lib, tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A ggml tensor's data as a torch tensor sharing its memory."""
+    ctype = C.c_float if dtype == torch.float32 else C.c_int32
+    data = np.ctypeslib.as_array(C.cast(lib.ggml_get_data(tensor), C.POINTER(ctype)), shape=shape)
     return torch.from_numpy(data)
+
+
+def kept_graph(owner: GGUFMatrix, key: tuple, rows: int, make: Callable[[], Graph]) -> Graph:
+    """owner's graph under `key`, made on first use; graphs of more than REUSED_ROWS rows are not kept."""
+    graph = owner.graphs.get(key)
+    if graph is None:
+        graph = make()
+        if rows <= REUSED_ROWS:
+            owner.graphs[key] = graph
+    return graph
 
 
 def run_graph(
@@ -212,14 +253,10 @@ def run_graph(
     if T == 0:  # no rows (a chunk that asks for no logits): ggml would leave the results unallocated
         return [x2.new_zeros(*lead_shape, n) for n in widths]
     key = (kind, tuple(id(m) for m in matrices), T)
-    graph = matrices[0].graphs.get(key)
-    if graph is None:
-        # the input, each matrix's product and one temporary as wide (swiglu's), with alignment slack
-        floats = T * (K + 2 * sum(m.shape[0] for m in matrices)) + 64 * (2 * len(matrices) + 4)
-        graph = Graph((T, K), [(T, n) for n in widths], floats, build)
-        if T <= REUSED_ROWS:
-            matrices[0].graphs[key] = graph
-    outs = graph(x2, torch.get_num_threads())
+    graph = kept_graph(
+        matrices[0], key, T, lambda: Graph([((T, K), torch.float32)], [(T, n) for n in widths], build)
+    )
+    outs = graph([x2], torch.get_num_threads())
     return [o.reshape(*lead_shape, o.shape[-1]) for o in outs]
 
 
@@ -235,18 +272,17 @@ def per_head(x: torch.Tensor, w: torch.Tensor | GGUFMatrix) -> torch.Tensor:
     N = w.shape[1]
     if T == 0:
         return x.new_zeros(0, H, N)
-    key = ("per_head", id(w), T)
-    graph = w.graphs.get(key)
-    if graph is None:
-        graph = Graph(
-            (H, T, K),
+    graph = kept_graph(
+        w,
+        ("per_head", id(w), T),
+        T,
+        lambda: Graph(
+            [((H, T, K), torch.float32)],
             [(H, T, N)],
-            H * T * (K + N) + 256,
             lambda lib, ctx, xt: [lib.ggml_mul_mat(ctx, w.tensor, xt)],
-        )  # input ne (K, T, H), product ne (N, T, H)
-        if T <= REUSED_ROWS:
-            w.graphs[key] = graph
-    (out,) = graph(x.transpose(0, 1), torch.get_num_threads())  # (H, T, N)
+        ),
+    )  # input ne (K, T, H), product ne (N, T, H)
+    (out,) = graph([x.transpose(0, 1)], torch.get_num_threads())  # (H, T, N)
     return out.transpose(0, 1)  # (T, H, N)
 
 
@@ -274,10 +310,20 @@ def swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
     if all(isinstance(w, GGUFMatrix) for w in (gate, up, down)):
 
         def build(lib, ctx, xt):
-            act = lib.ggml_swiglu_split(
-                ctx, lib.ggml_mul_mat(ctx, gate.tensor, xt), lib.ggml_mul_mat(ctx, up.tensor, xt)
-            )  # ne (F, T)
-            return [lib.ggml_mul_mat(ctx, down.tensor, act)]  # ne (D, T)
+            return [swiglu_node(lib, ctx, xt, gate, up, down)]
 
         return run_graph("swiglu", [gate, up, down], x, build)[0]
     return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+
+
+def swiglu_node(lib, ctx, x, gate: GGUFMatrix, up: GGUFMatrix, down: GGUFMatrix):
+    """The ggml node of down(silu(gate x) * up x) for x ne (D, T): ne (D, T)."""
+    act = lib.ggml_swiglu_split(
+        ctx, lib.ggml_mul_mat(ctx, gate.tensor, x), lib.ggml_mul_mat(ctx, up.tensor, x)
+    )
+    return lib.ggml_mul_mat(ctx, down.tensor, act)  # act ne (F, T)
+
+
+def rms_norm_node(lib, ctx, x, weight: HostTensor, eps: float):
+    """The ggml node of rms_norm(x) * weight over each row of x."""
+    return lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, x, eps), weight.tensor)

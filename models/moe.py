@@ -220,9 +220,13 @@ class MoEFFN:
         self.ffn_gate_inp_shexp = maybe_weight(f, f"{p}ffn_gate_inp_shexp.weight")  # (D,)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.route_logits(F.linear(x, self.ffn_gate_inp))  # (T, E)
+
+    def route_logits(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts and weights of router logits (T, E)."""
         r = self.routing
         return route(
-            F.linear(x, self.ffn_gate_inp),  # (T, E)
+            logits,
             top_k=r.top_k,
             gating=r.gating,
             bias=self.exp_probs_b,
@@ -232,9 +236,12 @@ class MoEFFN:
             scale=r.scale,
         )
 
+    def routed(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum (T, D) for x and its router logits (T, E)."""
+        return self.experts.run(x, *self.route_logits(logits))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        expert_ids, weights = self.route(x)
-        out = self.experts.run(x, expert_ids, weights)
+        out = self.routed(x, F.linear(x, self.ffn_gate_inp))
         if self.shexp is not None:
             shared = self.shexp(x)  # (T, D)
             if self.ffn_gate_inp_shexp is not None:

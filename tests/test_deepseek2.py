@@ -52,3 +52,40 @@ def test_split_k_b_and_v_b_stay_quantized_and_agree_with_the_float_path(tmp_path
         assert isinstance(eng.model.blocks[0].attn.attn_k_b, torch.Tensor)
         exact = eng.logits(prompt)
     assert np.abs(quantized - exact).max() < 0.05 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("layout, q_lora", [("kv_b", 0), ("split", 256)])
+def test_cpu_layers_run_as_ggml_graphs_and_agree_with_the_op_by_op_path(tmp_path, layout, q_lora):
+    """A quantized file's CPU blocks run as two ggml graphs around the cached attention (norms, rope, k_b,
+    v_b, the residuals, the FFN's norm, router and shared experts inside); prefill and decode steps give the
+    op-by-op path's logits within Q8 activation rounding, and decode's graphs are kept."""
+    import dsrun
+    from dsrun.models.base import Batch
+    from dsrun.models.deepseek2 import LayerGraphs
+    from dsrun.models.gguf_matrix import available
+    from dsrun.synth import synthesize
+
+    if not available():
+        pytest.skip("llama-cpp-python's libggml is missing")
+    path = synthesize(
+        tmp_path / "ds2.gguf", "deepseek2", weight_type="Q8_0", router="hash", n_layer=3, n_dense_lead=1,
+        mla_layout=layout, q_lora_rank=q_lora, yarn_factor=40.0, yarn_mscale_all_dim=0.707,
+    )  # fmt: skip
+
+    def steps(eng, fused: bool) -> list[torch.Tensor]:
+        blocks = [getattr(b, "block", b) for b in eng.model.blocks]
+        for b in blocks:
+            b.graphs = False if fused else None  # False: made on the next step; None: op by op
+        cache = eng.model.new_cache()
+        logits = [eng.model.forward(Batch.single(list(range(5, 17)), cache, all_logits=True))]
+        logits += [eng.model.forward(Batch.single([t], cache)) for t in (3, 40, 7)]
+        assert all(isinstance(b.graphs, LayerGraphs) == fused for b in blocks)
+        return logits
+
+    with dsrun.load(path, ctx=64, threads=1, cpu_backend="ggml") as eng:
+        fused, op_by_op = steps(eng, True), steps(eng, False)
+        kept = getattr(eng.model.blocks[1], "block", eng.model.blocks[1]).attn.attn_output.graphs
+        assert ("mla rest", 1) in kept and ("mla rest", 12) not in kept
+    for a, b in zip(fused, op_by_op):
+        assert torch.abs(a - b).max() < 0.02 * torch.abs(b).max()
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
