@@ -38,6 +38,7 @@ from .base import (
     rope_inv_freq,
 )
 from .gguf_matrix import (
+    REUSED_ROWS,
     GGUFMatrix,
     Graph,
     host_float,
@@ -332,7 +333,7 @@ class LayerGraphs:
         outputs = [(T, c.n_head, c.kv_lora_rank + c.qk_rope_dim), (T, c.kv_lora_rank + c.qk_rope_dim)]
         build = functools.partial(self.build_queries, T)
         graph = kept_graph(self.lead, ("mla queries", T), T, lambda: Graph(inputs, outputs, build))
-        return graph([x, positions], torch.get_num_threads())
+        return graph([x, positions], torch.get_num_threads(), copy=T > REUSED_ROWS)  # kept: used this step
 
     def rest(self, out: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
         """The block's output (T, D) from attention's `out` (T, H, C) and the block's input x (T, D); for a
@@ -342,7 +343,7 @@ class LayerGraphs:
         outputs = [(T, c.n_embd)] + ([(T, c.n_embd), (T, c.n_expert)] if self.router is not None else [])
         build = functools.partial(self.build_rest, T)
         graph = kept_graph(self.attn.attn_output, ("mla rest", T), T, lambda: Graph(inputs, outputs, build))
-        return graph([out, x], torch.get_num_threads())
+        return graph([out, x], torch.get_num_threads(), copy=T > REUSED_ROWS)
 
     def build_queries(self, T: int, lib, ctx, x, positions) -> list:
         """x ne (D, T), positions ne (T,) -> q ne (C+R, H, T), the cache rows ne (C+R, 1, T)."""

@@ -204,7 +204,9 @@ class Graph:
         if getattr(self, "ctx", None):
             self.lib.ggml_free(self.ctx)
 
-    def __call__(self, inputs: Sequence[torch.Tensor], threads: int) -> list[torch.Tensor]:
+    def __call__(self, inputs: Sequence[torch.Tensor], threads: int, copy: bool = True) -> list[torch.Tensor]:
+        """The outputs, copied; or with copy=False views of the graph's memory, valid until its next call
+        (a kept graph's outputs used within the step)."""
         for view, x in zip(self.inputs, inputs):
             view.copy_(x.detach())  # to the input's dtype where it is not
         with _WORK_LOCK:
@@ -214,7 +216,7 @@ class Graph:
                 self.plans[threads] = plan, _WORK[0]
             if self.lib.ggml_graph_compute(self.graph, C.byref(plan)) != 0:
                 raise RuntimeError("ggml graph compute failed")
-        return [r.clone() for r in self.results]  # the graph's memory is reused by the next call
+        return [r.clone() for r in self.results] if copy else self.results
 
     def _plan(self, threads: int):
         g = _ggml()

@@ -283,6 +283,8 @@ def combine(y: np.ndarray, weights: np.ndarray, tokens: np.ndarray, n_tokens: in
     bit for bit (the same additions in the same order).
     """
     weighted = y * weights[:, None]  # (A, D)
+    if n_tokens == 1:  # a decode step: a sum over axis 0 adds the rows in order, in two numpy calls not 2A
+        return weighted.sum(0, keepdims=True)  # (1, D)
     out = np.zeros((n_tokens, y.shape[1]), dtype=np.float32)
     for row, t in zip(weighted, tokens.tolist()):
         out[t] += row

@@ -196,7 +196,7 @@ def test_ggml_runs_low_bit_types_on_their_own_blocks(tmp_path, qtypes):
 def test_combine_adds_as_np_add_at_does():
     """The weighted sum per token, bit for bit the sums np.add.at made (same additions, same order)."""
     rng = np.random.default_rng(0)
-    for A, n_tokens in ((6, 1), (12, 2), (40, 7), (1, 3)):
+    for A, n_tokens in ((6, 1), (64, 1), (1, 1), (12, 2), (40, 7), (1, 3)):
         y = rng.standard_normal((A, D), dtype=np.float32)
         w = rng.random(A, dtype=np.float32)
         tokens = rng.integers(0, n_tokens, A)

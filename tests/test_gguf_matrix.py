@@ -118,3 +118,21 @@ def test_kept_graph_reads_each_new_input():
     assert not torch.equal(ya, yb)
     assert torch.equal(m(a), ya)  # and its earlier result was a copy, not a view of the graph's memory
     assert torch.equal(m(a.double()), ya)  # other dtypes are copied in as float32
+
+
+def test_graph_of_several_inputs_and_its_uncopied_outputs():
+    """A graph of two inputs; with copy=False its outputs are its memory, overwritten by the next call (what
+    a kept graph's caller uses within one step), with copy=True they are the caller's."""
+    m = matrix(Q.Q8_0, 32, 64)
+
+    def build(lib, ctx, x, y):
+        return [lib.ggml_add(ctx, lib.ggml_mul_mat(ctx, m.tensor, x), y)]  # ne (32, 1)
+
+    graph = gm.Graph([((1, 64), torch.float32), ((1, 32), torch.float32)], [(1, 32)], build)
+    a, b, y = torch.randn(1, 64), torch.randn(1, 64), torch.randn(1, 32)
+    (view,) = graph([a, y], 1, copy=False)
+    (copied,) = graph([a, y], 1)
+    assert torch.allclose(copied, m(a) + y, atol=1e-5) and torch.equal(view, copied)
+    graph([b, y], 1, copy=False)
+    assert torch.allclose(view, m(b) + y, atol=1e-5)
+    assert not torch.allclose(copied, view)
