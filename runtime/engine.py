@@ -123,7 +123,7 @@ class Engine:
         self.config = module.Config.from_gguf(self.file)
         self.plan = plan_file(self.file, ctx=ctx, gpus=gpus, gpu_mem=gpu_mem, ram=ram, placement=placement)
         if gpu_mem is not None:
-            hold_torch_to_budgets(self.plan)
+            hold_torch_to_budgets(self.plan, every_row_logits_bytes(self.file))
         self.model = module.Model(self.config, self.file)
         options = dict(offload_options or {})
         if cpu_backend is not None or "backend" not in options:
@@ -320,15 +320,24 @@ class Engine:
         self.close()
 
 
-def hold_torch_to_budgets(plan) -> None:
-    """A budget given is a card's size (a 24 GiB consumer GPU): torch's caching allocator is held to it on
-    each GPU, so it frees cached blocks rather than reserve past it (the plan keeps what is allocated
-    within it). Process-wide: the last engine loaded sets it. The CUDA context stays outside."""
+def every_row_logits_bytes(f: GGUFFile) -> int:
+    """What `Engine.logits` adds on the head's GPU beyond the plan's workspace: a chunk's logits for every
+    row, and the head's dequantized slice."""
+    from dsrun.offload.gpu_quant import MAX_SCRATCH_BYTES
+
+    return PREFILL_CHUNK * f.tensor("token_embd.weight").shape[0] * 4 + MAX_SCRATCH_BYTES
+
+
+def hold_torch_to_budgets(plan, extra: int) -> None:
+    """A budget given is a card's size (a 24 GiB consumer GPU): torch's caching allocator is held to it
+    (and `extra` bytes) on each GPU, so it frees cached blocks rather than reserve past it (the plan keeps
+    what is allocated within it). Process-wide: the last engine loaded sets it. The CUDA context stays
+    outside."""
     for tier in plan.tiers:
         index = int(tier.device.partition(":")[2] or -1) if tier.tier == "gpu" else -1
         if 0 <= index < (torch.cuda.device_count() if torch.cuda.is_available() else 0):
             total = torch.cuda.get_device_properties(index).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, tier.budget_bytes / total), index)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, (tier.budget_bytes + extra) / total), index)
 
 
 def load(

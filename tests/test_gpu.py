@@ -207,7 +207,8 @@ def test_a_step_that_cannot_be_recorded_decodes_eagerly(quantized_model, monkeyp
 
 
 def test_a_budget_given_holds_torch_to_it(quantized_model):
-    """gpu_mem as a card's size: torch's allocator on that GPU may not grow past it."""
+    """gpu_mem as a card's size: torch's allocator on that GPU may not grow past it (and the room
+    Engine.logits takes for every row's logits)."""
     import torch
 
     eng = dsrun.load(quantized_model[0], ctx=128, gpus=[0], gpu_mem="4GiB")
