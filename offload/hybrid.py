@@ -114,7 +114,7 @@ def make_pool(
     dequantized weights: the pool is sized in slot bytes, and the plan's GPU experts fill it hottest first.
     """
     tier = plan.tier(gpu)
-    free = tier.budget_bytes - tier.weight_bytes - tier.kv_bytes - tier.workspace_bytes
+    free = tier.budget_bytes - tier.fixed_bytes
     n_slots = max(1, min(free // layout.slot_bytes(), sum(d == gpu for d in plan.layer_devices) * n_expert))
     while True:
         try:

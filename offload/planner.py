@@ -149,11 +149,22 @@ def kv_bytes_per_token(f: GGUFFile, n_layers: int) -> list[int]:
         )
         return [per_layer] * n_layers
     n_head = f.require("attention.head_count")
-    head_dim = f.require("embedding_length") // _first(n_head)
-    key_length = f.get("attention.key_length", head_dim)
-    value_length = f.get("attention.value_length", head_dim)
+    key_length = f.get("attention.key_length", _head_dim(f))
+    value_length = f.get("attention.value_length", _head_dim(f))
     heads_kv = _per_layer(f.get("attention.head_count_kv", n_head), n_layers)  # a list on some arches
     return [gqa_kv_bytes_per_token(h, key_length, value_length) for h in heads_kv]
+
+
+def head_width(f: GGUFFile) -> int:
+    """A head's widest row: under MLA the latent and rope parts (the cached row, and the query with k_b
+    folded in), else the key length."""
+    if f.arch == "deepseek2":
+        return int(f.require("attention.kv_lora_rank")) + int(f.require("rope.dimension_count"))
+    return int(f.get("attention.key_length", _head_dim(f)))
+
+
+def _head_dim(f: GGUFFile) -> int:
+    return f.require("embedding_length") // _first(f.require("attention.head_count"))
 
 
 def _per_layer(value: int | list, n_layers: int) -> list[int]:
@@ -220,8 +231,13 @@ class Tier:
     read_bytes_per_token: float = 0.0  # expected bytes a decode step reads here, KV cache full
 
     @property
+    def fixed_bytes(self) -> int:
+        """Everything but the routed experts: what their room is the budget less."""
+        return self.weight_bytes + self.kv_bytes + self.workspace_bytes
+
+    @property
     def used_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.workspace_bytes + self.expert_bytes
+        return self.fixed_bytes + self.expert_bytes
 
     @property
     def free_bytes(self) -> float:

@@ -123,7 +123,7 @@ class Engine:
         self.config = module.Config.from_gguf(self.file)
         self.plan = plan_file(self.file, ctx=ctx, gpus=gpus, gpu_mem=gpu_mem, ram=ram, placement=placement)
         if gpu_mem is not None:
-            hold_torch_to_budgets(self.plan, every_row_logits_bytes(self.file))
+            hold_torch_to_budgets(self.plan, every_row_logits_bytes(self.config.n_vocab))
         self.model = module.Model(self.config, self.file)
         options = dict(offload_options or {})
         if cpu_backend is not None or "backend" not in options:
@@ -320,12 +320,12 @@ class Engine:
         self.close()
 
 
-def every_row_logits_bytes(f: GGUFFile) -> int:
+def every_row_logits_bytes(n_vocab: int) -> int:
     """What `Engine.logits` adds on the head's GPU beyond the plan's workspace: a chunk's logits for every
     row, and the head's dequantized slice."""
     from dsrun.offload.gpu_quant import MAX_SCRATCH_BYTES
 
-    return PREFILL_CHUNK * f.tensor("token_embd.weight").shape[0] * 4 + MAX_SCRATCH_BYTES
+    return PREFILL_CHUNK * n_vocab * 4 + MAX_SCRATCH_BYTES
 
 
 def hold_torch_to_budgets(plan, extra: int) -> None:
@@ -334,8 +334,8 @@ def hold_torch_to_budgets(plan, extra: int) -> None:
     what is allocated within it). Process-wide: the last engine loaded sets it. The CUDA context stays
     outside."""
     for tier in plan.tiers:
-        index = int(tier.device.partition(":")[2] or -1) if tier.tier == "gpu" else -1
-        if 0 <= index < (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        index = torch.device(tier.device).index if tier.tier == "gpu" else None
+        if index is not None and index < (torch.cuda.device_count() if torch.cuda.is_available() else 0):
             total = torch.cuda.get_device_properties(index).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, (tier.budget_bytes + extra) / total), index)
 

@@ -30,6 +30,7 @@ from .offload.planner import (
     Plan,
     decode_time,
     format_size,
+    head_width,
     layer_ranges,
     model_sizes,
     parse_gpu_mem,
@@ -115,16 +116,8 @@ def gpu_workspace_bytes(f: GGUFFile, sizes: ModelSizes) -> int:
     layer_experts = max((layer.n_experts * layer.expert_bytes for layer in sizes.layers), default=0)
     staging = 2 * min(STAGE_BYTES, layer_experts)
     chunk = min(PREFILL_CHUNK, sizes.ctx)
-    activations = 8 * chunk * n_head * head_width(f) * 4
+    activations = 8 * chunk * n_head * head_width(f) * 4  # (T, H, widest) float32 tensors
     return 16 * rows * sizes.ctx * n_head + activations + 2 * scratch + staging
-
-
-def head_width(f: GGUFFile) -> int:
-    """A head's widest row: MLA's absorbed query (latent and rope parts), else the key length."""
-    if f.get("attention.kv_lora_rank") is not None:
-        return int(f.require("attention.kv_lora_rank")) + int(f.require("rope.dimension_count"))
-    n_head = max(as_list(f.require("attention.head_count")))
-    return int(f.get("attention.key_length", f.require("embedding_length") // n_head))
 
 
 def as_list(value: int | list) -> list[int]:
